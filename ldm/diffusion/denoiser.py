@@ -1,0 +1,81 @@
+"""The one place that knows what a network outputs: network + schedule + parameterization -> Prediction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import parameterization as param
+from .schedule import NoiseSchedule
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A denoiser's estimate at (x_t, t).
+
+    x0, eps: the clean-data and noise estimates (each derivable from the other given x_t).
+    log_var: learned log variance of p(x_{t-1} | x_t) on the full schedule, or None for fixed variances.
+    var_frac: for learned-range variances, the interpolation v in [0, 1] between log beta~ and log beta,
+        which samplers on a respaced subset of timesteps apply to their own beta and beta~.
+    """
+
+    x0: Tensor
+    eps: Tensor
+    log_var: Optional[Tensor] = None
+    var_frac: Optional[Tensor] = None
+
+
+DenoiseFn = Callable[[Tensor, Tensor], Prediction]
+
+
+class Denoiser:
+    """Binds a network to a schedule: `denoiser(x_t, t, **cond) -> Prediction`.
+
+    The network is called as `model(x_t, t, **cond)` and returns C channels (fixed variance) or 2C
+    channels (learned / learned_range: the second half is the log variance or the range logit v in [-1, 1]).
+    """
+
+    def __init__(self, model: Callable, schedule: NoiseSchedule, prediction_type: str = "eps",
+                 variance_type: str = "fixed_small"):
+        self.model = model
+        self.schedule = schedule
+        self.prediction_type = param.check_prediction_type(prediction_type)
+        self.variance_type = param.check_variance_type(variance_type)
+
+    @property
+    def learns_variance(self) -> bool:
+        return self.variance_type in ("learned", "learned_range")
+
+    def __call__(self, x_t: Tensor, t: Tensor, **cond) -> Prediction:
+        return self.prediction(self.model(x_t, t, **cond), x_t, t)
+
+    def split(self, output: Tensor, x_t: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Separate the mean output from the variance output (channel dim 1)."""
+        if not self.learns_variance:
+            return output, None
+        channels = x_t.shape[1]
+        if output.shape[1] != 2 * channels:
+            raise ValueError(f"variance_type={self.variance_type!r} needs a network output with 2x{channels} "
+                             f"channels; got {output.shape[1]}")
+        return output[:, :channels], output[:, channels:]
+
+    def prediction(self, output: Tensor, x_t: Tensor, t: Tensor, detach_mean: bool = False) -> Prediction:
+        """Network output -> Prediction. detach_mean stops gradients through x0/eps (the L_vlb term of L_hybrid)."""
+        mean_out, var_out = self.split(output, x_t)
+        if detach_mean:
+            mean_out = mean_out.detach()
+        alpha_bar = self.schedule.alpha_bar_at(t)
+        x0, eps = param.to_x0_eps(mean_out, x_t, alpha_bar, self.prediction_type)
+        if var_out is None:
+            return Prediction(x0, eps)
+        if self.variance_type == "learned":
+            return Prediction(x0, eps, log_var=var_out)
+        frac = (var_out + 1) / 2
+        idx = t.cpu()
+        min_log = self.schedule.posterior_log_variance_clipped[idx]
+        max_log = self.schedule.betas[idx].log()
+        log_var = param.interpolated_log_variance(frac, min_log, max_log)
+        return Prediction(x0, eps, log_var=log_var, var_frac=frac)

@@ -1,0 +1,102 @@
+"""Transforms DenoiseFn -> DenoiseFn. Each changes x0 and/or eps consistently at the given x_t, so it
+works with every sampler."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..diffusion import process
+from ..diffusion.denoiser import DenoiseFn, Prediction
+from ..diffusion.schedule import NoiseSchedule
+
+Tensor = torch.Tensor
+
+
+def classifier_free_guidance(denoise_pair: DenoiseFn, guidance_scale: float) -> DenoiseFn:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps~ = eps_u + w (eps_c - eps_u), in one batched call.
+
+    `denoise_pair` sees a batch of 2B: the first B rows carry the unconditional (or negative-prompt)
+    conditioning, the last B the conditional one. x0 is combined with the same weights, which is the same
+    thing because x0 is affine in eps at fixed x_t. The variance, if learned, is the conditional one."""
+    check_guidance_scale(guidance_scale)
+
+    def denoise(x_t: Tensor, t: Tensor) -> Prediction:
+        pred = denoise_pair(torch.cat([x_t, x_t]), torch.cat([t, t]))
+        b = x_t.shape[0]
+
+        def mix(v: Tensor) -> Tensor:
+            return v[:b] + guidance_scale * (v[b:] - v[:b])
+
+        log_var = None if pred.log_var is None else pred.log_var[b:]
+        var_frac = None if pred.var_frac is None else pred.var_frac[b:]
+        return Prediction(mix(pred.x0), mix(pred.eps), log_var, var_frac)
+    return denoise
+
+
+def check_guidance_scale(guidance_scale) -> None:
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a number >= 0; got {guidance_scale!r}")
+
+
+def _with_x0(pred: Prediction, x_t: Tensor, x0: Tensor, alpha_bar: Tensor) -> Prediction:
+    return Prediction(x0, process.eps_from_x0(x_t, x0, alpha_bar), pred.log_var, pred.var_frac)
+
+
+def classifier_guidance(denoise: DenoiseFn, log_prob: Callable[[Tensor, Tensor], Tensor], scale: float,
+                        schedule: NoiseSchedule) -> DenoiseFn:
+    """Classifier guidance (Dhariwal & Nichol 2021, Algorithm 2 in eps form):
+    eps~ = eps - sqrt(1 - alpha_bar) * scale * grad_x log p(y | x_t, t); x0 re-derived from eps~.
+    `log_prob(x_t, t)` returns one log-probability per sample and must be differentiable in x_t."""
+    check_guidance_scale(scale)
+
+    def guided(x_t: Tensor, t: Tensor) -> Prediction:
+        pred = denoise(x_t, t)
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            grad, = torch.autograd.grad(log_prob(x, t).sum(), x)
+        alpha_bar = schedule.alpha_bar_at(t)
+        eps = pred.eps - process._bc((1 - alpha_bar).sqrt() * scale, grad) * grad
+        return Prediction(process.x0_from_eps(x_t, eps, alpha_bar), eps, pred.log_var, pred.var_frac)
+    return guided
+
+
+def static_thresholding(denoise: DenoiseFn, schedule: NoiseSchedule, limit: float = 1.0) -> DenoiseFn:
+    """Clip x0 to [-limit, limit] (Saharia et al. 2022, sec. 2.3) and re-derive eps."""
+    if limit <= 0:
+        raise ValueError(f"limit must be > 0; got {limit!r}")
+
+    def thresholded(x_t: Tensor, t: Tensor) -> Prediction:
+        pred = denoise(x_t, t)
+        return _with_x0(pred, x_t, pred.x0.clamp(-limit, limit), schedule.alpha_bar_at(t))
+    return thresholded
+
+
+def dynamic_threshold(x0: Tensor, percentile: float = 0.995, max_value: Optional[float] = None) -> Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): s = the `percentile` quantile of |x0|
+    per sample, s = max(s, 1) (and min(s, max_value) if given, as diffusers' sample_max_value), then
+    x0 = clip(x0, -s, s) / s."""
+    check_percentile(percentile)
+    flat = x0.flatten(1)
+    s = torch.quantile(flat.abs().float(), percentile, dim=1).to(x0.dtype).clamp(min=1.0)
+    if max_value is not None:
+        s = s.clamp(max=max_value)
+    s = s.unsqueeze(1)
+    return (torch.maximum(torch.minimum(flat, s), -s) / s).reshape(x0.shape)
+
+
+def check_percentile(percentile) -> None:
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 1:
+        raise ValueError(f"percentile must be a number in (0, 1]; got {percentile!r}")
+
+
+def dynamic_thresholding(denoise: DenoiseFn, schedule: NoiseSchedule, percentile: float = 0.995,
+                         max_value: Optional[float] = None) -> DenoiseFn:
+    """Dynamic thresholding of x0 (see dynamic_threshold), eps re-derived."""
+    check_percentile(percentile)
+
+    def thresholded(x_t: Tensor, t: Tensor) -> Prediction:
+        pred = denoise(x_t, t)
+        x0 = dynamic_threshold(pred.x0, percentile, max_value)
+        return _with_x0(pred, x_t, x0, schedule.alpha_bar_at(t))
+    return thresholded

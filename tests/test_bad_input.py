@@ -1,0 +1,40 @@
+"""Bad arguments fail early with a ValueError that names the argument and what it accepts."""
+import pytest
+import torch
+
+from ldm.diffusion import Denoiser, NoiseSchedule, gaussian_denoiser, training_losses
+from ldm.sampling import dynamic_thresholding, sample, classifier_free_guidance
+
+S = NoiseSchedule.from_name("linear", 100)
+ORACLE = gaussian_denoiser(S, 0.0, 0.5)
+X = torch.randn(4, 2, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: NoiseSchedule.from_name("quadratic"), ["schedule name", "linear", "scaled_linear", "cosine"]),
+    (lambda: NoiseSchedule.from_name("linear", 0), ["num_timesteps"]),
+    (lambda: sample(ORACLE, X, S, 10, "euler"), ["sampler", "ddpm", "ddim", "langevin", "dpmpp_2m"]),
+    (lambda: sample(ORACLE, X, S, 0), ["num_steps", "[1, 100]"]),
+    (lambda: sample(ORACLE, X, S, 101), ["num_steps", "[1, 100]"]),
+    (lambda: sample(ORACLE, X, S, 2.5), ["num_steps"]),
+    (lambda: sample(ORACLE, X, S, 10, "ddim", eta=-0.1), ["eta", ">= 0"]),
+    (lambda: sample(ORACLE, X, S, 10, spacing="uniform"), ["spacing", "leading", "trailing", "linspace"]),
+    (lambda: sample(ORACLE, X, S, None, timesteps=[5, 7]), ["timesteps", "decreasing"]),
+    (lambda: sample(ORACLE, X, S, 10, "ddpm", variance="huge"), ["variance_type", "fixed_small", "fixed_large"]),
+    (lambda: dynamic_thresholding(ORACLE, S, percentile=0.0), ["percentile", "(0, 1]"]),
+    (lambda: dynamic_thresholding(ORACLE, S, percentile=1.5), ["percentile", "(0, 1]"]),
+    (lambda: classifier_free_guidance(ORACLE, -1.0), ["guidance_scale", ">= 0"]),
+    (lambda: Denoiser(None, S, "noise"), ["prediction_type", "eps", "x0", "v"]),
+    (lambda: Denoiser(None, S, "eps", "learned_big"), ["variance_type", "learned_range"]),
+    (lambda: training_losses(Denoiser(lambda x, t: x, S), torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long),
+                             loss_type="l1"), ["loss_type", "simple", "hybrid", "vlb"]),
+    (lambda: training_losses(Denoiser(lambda x, t: x, S), torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long),
+                             loss_type="hybrid"), ["hybrid", "learned_range"]),
+    (lambda: Denoiser(lambda x, t: x, S, "eps", "learned_range")(torch.zeros(1, 3, 2, 2), torch.zeros(1, dtype=torch.long)),
+     ["variance_type", "2x3 channels"]),
+])
+def test_clear_errors(call, words):
+    with pytest.raises(ValueError) as info:
+        call()
+    for word in words:
+        assert word in str(info.value)

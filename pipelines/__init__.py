@@ -1,0 +1,1 @@
+"""User-facing pipelines (text-to-image, image-to-image, variations, cascades)."""

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from ..diffusion.denoiser import DenoiseFn
+from ..random import Generator
 from ..diffusion.schedule import NoiseSchedule, SPACINGS, check_num_steps, spaced_timesteps
 from .samplers import ddim, ddim_invert, ddim_step, ddpm, ddpm_step, dpmpp_2m, langevin
 from .transforms import (classifier_free_guidance, classifier_guidance, dynamic_threshold,
@@ -29,10 +30,11 @@ def resolve_timesteps(schedule: NoiseSchedule, num_steps: Optional[int], spacing
 
 
 def sample(denoise: DenoiseFn, x_T: torch.Tensor, schedule: NoiseSchedule, num_steps: Optional[int],
-           sampler: str = "ddim", generator: Optional[torch.Generator] = None, *, spacing: str = "trailing",
+           sampler: str = "ddim", generator: Generator = None, *, spacing: str = "trailing",
            steps_offset: int = 0, timesteps=None, callback=None, **options) -> torch.Tensor:
     """Draw samples from x_T by walking `num_steps` timesteps of `schedule` (or the given `timesteps`).
 
+    generator: one torch.Generator, or a list with one per row of x_T (per-image seeds).
     denoise(x_t, t) gets integer timesteps of the original schedule (shape [B]) and returns a Prediction.
     sampler: "ddpm" (option variance="fixed_small"|"fixed_large"), "ddim" (eta=0.0), "langevin"
     (n_corrector=1, snr=0.16) or "dpmpp_2m". spacing: "trailing" (default), "leading" or "linspace".

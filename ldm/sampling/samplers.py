@@ -11,6 +11,7 @@ from ..diffusion import parameterization as param
 from ..diffusion import process
 from ..diffusion.denoiser import DenoiseFn, Prediction
 from ..diffusion.schedule import NoiseSchedule
+from ..random import Generator, randn
 
 Tensor = torch.Tensor
 Callback = Optional[Callable[[int, int, Tensor, Prediction], None]]
@@ -25,8 +26,8 @@ def _t(value: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), value, dtype=torch.long, device=x.device)
 
 
-def _noise(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+def _noise(x: Tensor, generator: Generator) -> Tensor:
+    return randn(x.shape, generator, x.dtype, x.device)
 
 
 def ddpm_step(x_t: Tensor, pred: Prediction, alpha_bar, alpha_bar_prev, variance: str = "fixed_small",
@@ -50,7 +51,7 @@ def ddpm_step(x_t: Tensor, pred: Prediction, alpha_bar, alpha_bar_prev, variance
 
 
 def ddpm(denoise: DenoiseFn, x_T: Tensor, schedule: NoiseSchedule, timesteps: Tensor, *,
-         generator: Optional[torch.Generator] = None, callback: Callback = None,
+         generator: Generator = None, callback: Callback = None,
          variance: str = "fixed_small") -> Tensor:
     """DDPM ancestral sampling over all or a strided subset of timesteps; no noise on the final step."""
     param.check_variance_type(variance, param.FIXED_VARIANCE_TYPES)
@@ -82,7 +83,7 @@ def ddim_step(x_t: Tensor, pred: Prediction, alpha_bar, alpha_bar_prev, eta: flo
 
 
 def ddim(denoise: DenoiseFn, x_T: Tensor, schedule: NoiseSchedule, timesteps: Tensor, *,
-         generator: Optional[torch.Generator] = None, callback: Callback = None, eta: float = 0.0) -> Tensor:
+         generator: Generator = None, callback: Callback = None, eta: float = 0.0) -> Tensor:
     """DDIM sampling; eta = 0 is the deterministic probability-flow discretization, eta = 1 is DDPM-like.
     With eta > 0 noise is drawn at every step (zero-weighted on the last), as diffusers does."""
     x = x_T
@@ -125,7 +126,7 @@ def _inversion_step(x_s: Tensor, eps: Tensor, alpha_bar, alpha_bar_prev) -> Tens
 
 
 def langevin(denoise: DenoiseFn, x_T: Tensor, schedule: NoiseSchedule, timesteps: Tensor, *,
-             generator: Optional[torch.Generator] = None, callback: Callback = None, n_corrector: int = 1,
+             generator: Generator = None, callback: Callback = None, n_corrector: int = 1,
              snr: float = 0.16) -> Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 5, with an ancestral predictor): at each
     noise level, `n_corrector` steps of annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1)
@@ -154,7 +155,7 @@ def langevin(denoise: DenoiseFn, x_T: Tensor, schedule: NoiseSchedule, timesteps
 
 
 def dpmpp_2m(denoise: DenoiseFn, x_T: Tensor, schedule: NoiseSchedule, timesteps: Tensor, *,
-             generator: Optional[torch.Generator] = None, callback: Callback = None) -> Tensor:
+             generator: Generator = None, callback: Callback = None) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (data prediction, multistep second order), in
     lambda = log(alpha / sigma) with alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar). The first step is
     first order, and so is the last, which lands on sigma = 0 where it returns the x0 prediction."""

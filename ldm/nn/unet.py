@@ -1,0 +1,215 @@
+"""The time-conditioned U-Net with cross-attention of latent diffusion (Rombach et al. 2022), in the
+configuration space of Stable Diffusion 1.x / 2.x and of improved DDPM (scale-shift norm, resblock up/down,
+learned variance as 2x output channels). It knows nothing about diffusion: f(x, t, context, y) -> tensor.
+
+Module names follow the original SD checkpoints (`model.diffusion_model.*`), so those load without a key map.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import CrossAttention, SpatialTransformer, check_backend
+from .layers import Downsample, ResBlock, Upsample, timestep_embedding
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """U-Net hyper-parameters, named as in the original LDM configs.
+
+    attention_resolutions: downsampling rates (1, 2, 4, ...) at which transformer blocks are used.
+    num_heads / num_head_channels: fixed head count (SD1: 8) or fixed head width (SD2: 64; then num_heads=-1).
+    transformer_depth: one value or one per level. context_dim: text-embedding width (None: self-attention only).
+    num_classes: class-label embedding; adm_in_channels: a projected vector (pooled text / image / noise-level
+    embedding, `y`) added to the time embedding.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    num_heads: int = 8
+    num_head_channels: int = -1
+    transformer_depth: int | tuple[int, ...] = 1
+    context_dim: Optional[int] = 768
+    use_linear_in_transformer: bool = False
+    upcast_attention: bool = False
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    num_classes: Optional[int] = None
+    adm_in_channels: Optional[int] = None
+    dropout: float = 0.0
+    num_groups: int = 32
+    mid_attention: bool = True
+
+    def __post_init__(self):
+        for name in ("channel_mult", "attention_resolutions"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.transformer_depth, list):
+            object.__setattr__(self, "transformer_depth", tuple(self.transformer_depth))
+        if self.num_heads == -1 and self.num_head_channels == -1:
+            raise ValueError("set num_heads or num_head_channels (the other one to -1)")
+        depth = self.transformer_depth
+        if isinstance(depth, tuple) and len(depth) != len(self.channel_mult):
+            raise ValueError(f"transformer_depth has {len(depth)} entries for {len(self.channel_mult)} levels")
+        if self.num_classes is not None and self.adm_in_channels is not None:
+            raise ValueError("num_classes and adm_in_channels are alternatives; set at most one")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def depth_at(self, level: int) -> int:
+        return self.transformer_depth[level] if isinstance(self.transformer_depth, tuple) else self.transformer_depth
+
+    def heads_for(self, channels: int) -> tuple[int, int]:
+        """(heads, dim_head) for a block of `channels` channels."""
+        if self.num_head_channels == -1:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def sd1(cls, **overrides) -> "UNetConfig":
+        """Stable Diffusion 1.x (v1-inference.yaml)."""
+        return cls(**overrides)
+
+    @classmethod
+    def sd2(cls, **overrides) -> "UNetConfig":
+        """Stable Diffusion 2.x (v2-inference(-v).yaml): head width 64, 1024-d OpenCLIP context, linear proj."""
+        base = dict(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+        return cls(**{**base, **overrides})
+
+
+class TimestepEmbedSequential(nn.ModuleList):
+    """A block of layers, each given what it needs: emb for ResBlocks, context for transformers."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Optional[Tensor], mask: Optional[Tensor],
+                upsample_size: Optional[tuple[int, int]] = None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, mask)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        self.gradient_checkpointing = False
+        mc, emb_dim = c.model_channels, c.model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.num_classes is not None:
+            self.label_emb = nn.Embedding(c.num_classes, emb_dim)
+        elif c.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
+
+        def res(ch_in, ch_out, **kw):
+            return ResBlock(ch_in, emb_dim, ch_out, c.dropout, c.use_scale_shift_norm, num_groups=c.num_groups, **kw)
+
+        def transformer(ch, level):
+            heads, dim_head = c.heads_for(ch)
+            return SpatialTransformer(ch, heads, dim_head, c.depth_at(level), c.context_dim,
+                                      c.use_linear_in_transformer, c.upcast_attention, c.num_groups, c.dropout)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, mc, 3, padding=1)])])
+        skip_channels, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [res(ch, mult * mc)]
+                ch = mult * mc
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch, level))
+                self.input_blocks.append(TimestepEmbedSequential(layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                down = res(ch, ch, down=True) if c.resblock_updown else Downsample(ch)
+                self.input_blocks.append(TimestepEmbedSequential([down]))
+                skip_channels.append(ch)
+                ds *= 2
+        middle = [res(ch, ch)] + ([transformer(ch, len(c.channel_mult) - 1)] if c.mid_attention else []) + [res(ch, ch)]
+        self.middle_block = TimestepEmbedSequential(middle)
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mc * mult)]
+                ch = mc * mult
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch, level))
+                if level and i == c.num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(layers))
+        self.out = nn.Sequential(nn.GroupNorm(c.num_groups, ch), nn.SiLU(), nn.Conv2d(mc, c.out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out[2].weight.dtype
+
+    def set_attention_backend(self, backend: str) -> None:
+        """"sdpa" (default, torch's scaled_dot_product_attention) or "xformers" (optional extra, CUDA)."""
+        check_backend(backend)
+        for module in self.modules():
+            if isinstance(module, CrossAttention):
+                module.backend = backend
+
+    def _run(self, block: TimestepEmbedSequential, *args) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x: Tensor, t: Tensor, context: Optional[Tensor] = None, y: Optional[Tensor] = None,
+                context_mask: Optional[Tensor] = None) -> Tensor:
+        """x [B, C, H, W], t [B] (or a scalar), context [B, L, context_dim], y: labels [B] or vectors
+        [B, adm_in_channels], context_mask [B, L] (True = attend)."""
+        c = self.config
+        if x.ndim != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"x must have shape [B, {c.in_channels}, H, W]; got {tuple(x.shape)}")
+        if c.context_dim is not None and context is None:
+            raise ValueError(f"this U-Net cross-attends to a context of width {c.context_dim}; context is None")
+        if (c.num_classes is not None or c.adm_in_channels is not None) and y is None:
+            raise ValueError("this U-Net is class/vector-conditioned; pass y")
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        emb = self.time_embed(timestep_embedding(t, c.model_channels).to(self.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y if c.num_classes is not None else y.to(self.dtype))
+        h = x.to(self.dtype)
+        context = None if context is None else context.to(self.dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context, context_mask)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context, context_mask)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            h = self._run(block, h, emb, context, context_mask, size)
+        return self.out(h)

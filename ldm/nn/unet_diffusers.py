@@ -1,0 +1,151 @@
+"""Conversion between this project's U-Net (original SD key names) and diffusers' UNet2DConditionModel:
+config.json fields and one key map, generated from the configuration."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .keymap import rename_by_prefix
+from .unet import UNetConfig
+
+_RES_INNER = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_FIXED = {"act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "norm_eps": 1e-5,
+          "time_embedding_type": "positional", "addition_embed_type": None, "encoder_hid_dim": None,
+          "time_cond_proj_dim": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+          "timestep_post_act": None, "time_embedding_dim": None, "mid_block_only_cross_attention": None}
+
+
+def _per_level(value, n: int, name: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"diffusers config {name} has {len(values)} entries for {n} blocks")
+    return values
+
+
+def config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
+    """UNetConfig from a diffusers UNet2DConditionModel config.json; unsupported settings raise ValueError."""
+    for key, expected in _FIXED.items():
+        if key in d and d[key] != expected and not (key == "norm_eps" and abs(d[key] - expected) < 1e-12):
+            raise ValueError(f"unsupported diffusers U-Net setting {key}={d[key]!r} (supported: {expected!r})")
+    boc = list(d.get("block_out_channels", (320, 640, 1280, 1280)))
+    n = len(boc)
+    if any(c % boc[0] for c in boc):
+        raise ValueError(f"block_out_channels {boc} must be multiples of the first")
+    down = list(d.get("down_block_types", ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]))
+    up = list(d.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1)))
+    attn_levels = [t == "CrossAttnDownBlock2D" for t in down]
+    if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down) or \
+            [t == "CrossAttnUpBlock2D" for t in up] != attn_levels[::-1]:
+        raise ValueError(f"unsupported block types down={down} up={up}")
+    mid = d.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
+        raise ValueError(f"unsupported mid_block_type {mid!r}")
+    layers = _per_level(d.get("layers_per_block", 2), n, "layers_per_block")
+    if len(set(layers)) != 1:
+        raise ValueError(f"layers_per_block must be the same for every block; got {layers}")
+    heads = _per_level(d.get("num_attention_heads") or d.get("attention_head_dim", 8), n, "attention_head_dim")
+    if len(set(heads)) == 1:
+        num_heads, head_channels = heads[0], -1
+    elif len({c // h for c, h in zip(boc, heads)}) == 1:
+        num_heads, head_channels = -1, boc[0] // heads[0]
+    else:
+        raise ValueError(f"per-block heads {heads} are neither constant in count nor in width")
+    depth = _per_level(d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
+    class_type = d.get("class_embed_type")
+    num_classes = adm = None
+    if class_type is None and d.get("num_class_embeds") is not None:
+        num_classes = d["num_class_embeds"]
+    elif class_type == "projection":
+        adm = d["projection_class_embeddings_input_dim"]
+    elif class_type is not None:
+        raise ValueError(f"unsupported class_embed_type {class_type!r}")
+    return UNetConfig(
+        in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=boc[0],
+        channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=layers[0],
+        attention_resolutions=tuple(2**i for i, a in enumerate(attn_levels) if a), num_heads=num_heads,
+        num_head_channels=head_channels, transformer_depth=depth[0] if len(set(depth)) == 1 else tuple(depth),
+        context_dim=d.get("cross_attention_dim", 1280), use_linear_in_transformer=d.get("use_linear_projection", False),
+        upcast_attention=d.get("upcast_attention", False),
+        use_scale_shift_norm=d.get("resnet_time_scale_shift", "default") == "scale_shift",
+        num_classes=num_classes, adm_in_channels=adm, dropout=d.get("dropout", 0.0),
+        num_groups=d.get("norm_num_groups", 32), mid_attention=mid == "UNetMidBlock2DCrossAttn")
+
+
+def config_to_diffusers(c: UNetConfig, sample_size: int = 64) -> dict[str, Any]:
+    """A diffusers UNet2DConditionModel config.json for this configuration."""
+    if c.resblock_updown:
+        raise ValueError("diffusers' UNet2DConditionModel has no resblock up/down sampling")
+    n = len(c.channel_mult)
+    boc = [c.model_channels * m for m in c.channel_mult]
+    attn = [2**i in c.attention_resolutions for i in range(n)]
+    heads = [c.heads_for(ch)[0] for ch in boc]
+    d = {"_class_name": "UNet2DConditionModel", "sample_size": sample_size, "in_channels": c.in_channels,
+         "out_channels": c.out_channels, "block_out_channels": boc, "layers_per_block": c.num_res_blocks,
+         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+         "mid_block_type": "UNetMidBlock2DCrossAttn" if c.mid_attention else "UNetMidBlock2D",
+         "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
+         "transformer_layers_per_block": list(c.transformer_depth) if isinstance(c.transformer_depth, tuple)
+         else c.transformer_depth, "cross_attention_dim": c.context_dim,
+         "use_linear_projection": c.use_linear_in_transformer, "upcast_attention": c.upcast_attention,
+         "resnet_time_scale_shift": "scale_shift" if c.use_scale_shift_norm else "default",
+         "norm_num_groups": c.num_groups, "dropout": c.dropout, "center_input_sample": False,
+         "downsample_padding": 1, "mid_block_scale_factor": 1, **{k: v for k, v in _FIXED.items()}}
+    if c.num_classes is not None:
+        d["num_class_embeds"] = c.num_classes
+    if c.adm_in_channels is not None:
+        d.update(class_embed_type="projection", projection_class_embeddings_input_dim=c.adm_in_channels)
+    return d
+
+
+def _prefix_pairs(c: UNetConfig) -> dict[str, str]:
+    """ours -> diffusers module prefixes, down to the leaf modules of every ResBlock."""
+    if c.resblock_updown:
+        raise ValueError("diffusers' UNet2DConditionModel has no resblock up/down sampling")
+    pairs = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+    if c.num_classes is not None:
+        pairs["label_emb"] = "class_embedding"
+    if c.adm_in_channels is not None:
+        pairs.update({"label_emb.0.0": "class_embedding.linear_1", "label_emb.0.2": "class_embedding.linear_2"})
+
+    def res(ours: str, theirs: str):
+        pairs.update({f"{ours}.{a}": f"{theirs}.{b}" for a, b in _RES_INNER.items()})
+
+    n, L = len(c.channel_mult), c.num_res_blocks
+    for i in range(n):
+        attn = 2**i in c.attention_resolutions
+        for j in range(L):
+            k = 1 + i * (L + 1) + j
+            res(f"input_blocks.{k}.0", f"down_blocks.{i}.resnets.{j}")
+            if attn:
+                pairs[f"input_blocks.{k}.1"] = f"down_blocks.{i}.attentions.{j}"
+        if i < n - 1:
+            pairs[f"input_blocks.{(i + 1) * (L + 1)}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
+    res("middle_block.0", "mid_block.resnets.0")
+    if c.mid_attention:
+        pairs["middle_block.1"] = "mid_block.attentions.0"
+    res(f"middle_block.{2 if c.mid_attention else 1}", "mid_block.resnets.1")
+    for u in range(n):
+        attn = 2 ** (n - 1 - u) in c.attention_resolutions
+        for j in range(L + 1):
+            k = u * (L + 1) + j
+            res(f"output_blocks.{k}.0", f"up_blocks.{u}.resnets.{j}")
+            if attn:
+                pairs[f"output_blocks.{k}.1"] = f"up_blocks.{u}.attentions.{j}"
+            if j == L and u < n - 1:
+                pairs[f"output_blocks.{k}.{2 if attn else 1}.conv"] = f"up_blocks.{u}.upsamplers.0.conv"
+    return pairs
+
+
+def state_dict_from_diffusers(sd: Mapping[str, torch.Tensor], c: UNetConfig) -> dict[str, torch.Tensor]:
+    """diffusers UNet2DConditionModel keys -> ours."""
+    inverse = {theirs: ours for ours, theirs in _prefix_pairs(c).items()}
+    return rename_by_prefix(sd, inverse, "diffusers U-Net state dict")
+
+
+def state_dict_to_diffusers(sd: Mapping[str, torch.Tensor], c: UNetConfig) -> dict[str, torch.Tensor]:
+    """Our keys -> diffusers UNet2DConditionModel."""
+    return rename_by_prefix(sd, _prefix_pairs(c), "U-Net state dict")

@@ -33,6 +33,62 @@ def _oracle_table(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _save_images(images, output: str) -> list[str]:
+    from pathlib import Path
+
+    out = Path(output)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise SystemExit(f"ldm: -o/--output must end in .png, .jpg or .webp; got {output}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out if len(images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    return [str(p) for p in paths]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Text-to-image or image-to-image from the command line; prints the written paths."""
+    from PIL import Image
+
+    from pipelines import ImageToImagePipeline, TextToImagePipeline
+
+    cls = ImageToImagePipeline if args.command == "img2img" else TextToImagePipeline
+    try:
+        pipe = cls.from_pretrained(args.model, allow_pickle=args.allow_pickle, dtype=DTYPES[args.dtype])
+        kwargs = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      sampler=args.sampler, eta=args.eta, num_images_per_prompt=args.num_images, seed=args.seed)
+        if args.command == "img2img":
+            out = pipe(args.prompt, image=Image.open(args.image).convert("RGB"), strength=args.strength, **kwargs)
+        else:
+            out = pipe(args.prompt, height=args.height, width=args.width, **kwargs)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"ldm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    for path in _save_images(out.images, args.output):
+        print(path)
+    return 0
+
+
+def _add_generation_args(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("prompt")
+    cmd.add_argument("--model", default=None, help="our folder, a diffusers folder, an SD .safetensors file, or the "
+                                                    "name of a shipped model (default: the shipped default)")
+    cmd.add_argument("--negative", default=None, help="negative prompt")
+    cmd.add_argument("--steps", type=int, default=30)
+    cmd.add_argument("--guidance", type=float, default=7.5)
+    cmd.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m", "langevin"])
+    cmd.add_argument("--eta", type=float, default=0.0)
+    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--num-images", type=int, default=1)
+    cmd.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    cmd.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickles (weights_only loading)")
+    cmd.add_argument("-o", "--output", default="out.png")
+    cmd.set_defaults(func=_generate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--schedule", default="cosine", choices=["linear", "scaled_linear", "cosine"])
         cmd.add_argument("--samples", type=int, default=10_000)
         cmd.set_defaults(func=_oracle_table)
+    generate = sub.add_parser("generate", help="text-to-image")
+    _add_generation_args(generate)
+    generate.add_argument("--height", type=int, default=None)
+    generate.add_argument("--width", type=int, default=None)
+    img2img = sub.add_parser("img2img", help="image-to-image (SDEdit)")
+    _add_generation_args(img2img)
+    img2img.add_argument("--image", required=True)
+    img2img.add_argument("--strength", type=float, default=0.8)
     args = parser.parse_args(argv)
     if getattr(args, "samples", 1) < 2:
         parser.error("--samples must be at least 2")

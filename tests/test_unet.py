@@ -7,7 +7,7 @@ from ldm.nn.unet import UNetConfig, UNetModel
 from ldm.nn.unet_diffusers import (config_from_diffusers, config_to_diffusers, state_dict_from_diffusers,
                                    state_dict_to_diffusers)
 
-TINY_SD1 = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+TINY_SD1 = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                 cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8)
 TINY_SD2 = dict(TINY_SD1, block_out_channels=(32, 64, 64), layers_per_block=1,

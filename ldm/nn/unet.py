@@ -27,7 +27,8 @@ class UNetConfig:
     num_heads / num_head_channels: fixed head count (SD1: 8) or fixed head width (SD2: 64; then num_heads=-1).
     transformer_depth: one value or one per level. context_dim: text-embedding width (None: self-attention only).
     num_classes: class-label embedding; adm_in_channels: a projected vector (pooled text / image / noise-level
-    embedding, `y`) added to the time embedding.
+    embedding, `y`) added to the time embedding. sample_size: native latent size (SD1: 64 -> 512 px).
+    mask_context: whether pipelines pass the text padding mask (Stable Diffusion attends to padding tokens).
     """
 
     in_channels: int = 4
@@ -49,6 +50,8 @@ class UNetConfig:
     dropout: float = 0.0
     num_groups: int = 32
     mid_attention: bool = True
+    sample_size: int = 64  # the latent size it was trained at (does not change the network)
+    mask_context: bool = False  # trained with padding tokens masked out of cross-attention (SD: no)
 
     def __post_init__(self):
         for name in ("channel_mult", "attention_resolutions"):

@@ -70,10 +70,11 @@ def config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         upcast_attention=d.get("upcast_attention", False),
         use_scale_shift_norm=d.get("resnet_time_scale_shift", "default") == "scale_shift",
         num_classes=num_classes, adm_in_channels=adm, dropout=d.get("dropout", 0.0),
-        num_groups=d.get("norm_num_groups", 32), mid_attention=mid == "UNetMidBlock2DCrossAttn")
+        num_groups=d.get("norm_num_groups", 32), mid_attention=mid == "UNetMidBlock2DCrossAttn",
+        sample_size=d.get("sample_size") or 64)
 
 
-def config_to_diffusers(c: UNetConfig, sample_size: int = 64) -> dict[str, Any]:
+def config_to_diffusers(c: UNetConfig) -> dict[str, Any]:
     """A diffusers UNet2DConditionModel config.json for this configuration."""
     if c.resblock_updown:
         raise ValueError("diffusers' UNet2DConditionModel has no resblock up/down sampling")
@@ -81,7 +82,7 @@ def config_to_diffusers(c: UNetConfig, sample_size: int = 64) -> dict[str, Any]:
     boc = [c.model_channels * m for m in c.channel_mult]
     attn = [2**i in c.attention_resolutions for i in range(n)]
     heads = [c.heads_for(ch)[0] for ch in boc]
-    d = {"_class_name": "UNet2DConditionModel", "sample_size": sample_size, "in_channels": c.in_channels,
+    d = {"_class_name": "UNet2DConditionModel", "sample_size": c.sample_size, "in_channels": c.in_channels,
          "out_channels": c.out_channels, "block_out_channels": boc, "layers_per_block": c.num_res_blocks,
          "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
          "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],

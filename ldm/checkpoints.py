@@ -1,0 +1,331 @@
+"""Checkpoints: safetensors I/O (pickles only when allowed, then weights_only), this project's folder format,
+diffusers folders (load and save, so a model round-trips through diffusers) and original single-file Stable
+Diffusion v1/v2 checkpoints, all offline. Every write is atomic: a crash never leaves a half-written file."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .diffusion.config import DiffusionConfig
+from .nn.autoencoder import Autoencoder, AutoencoderConfig
+from .nn.autoencoder_keys import (autoencoder_state_dict_from_diffusers, autoencoder_state_dict_from_single_file,
+                                  autoencoder_state_dict_to_diffusers, config_from_state_dict,
+                                  diffusers_config_from_ours)
+from .nn.autoencoder_keys import config_from_diffusers as vae_config_from_diffusers
+from .nn.keymap import load_exact
+from .nn.unet import UNetConfig, UNetModel
+from .nn.unet_diffusers import config_from_diffusers, config_to_diffusers, state_dict_from_diffusers, \
+    state_dict_to_diffusers
+from .text import CLIPTextEncoder, load_text_encoder
+from .text.clip import SD1, SD2
+from .text.convert import hf_to_openclip_text, hf_to_sd1_text_keys, openclip_text_to_hf, sd1_text_keys_to_hf
+
+PathLike = Union[str, Path]
+PIPELINE_FILE = "ldm_pipeline.json"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_MODEL = "shapes-64"
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class PipelineParts:
+    unet: UNetModel
+    vae: Autoencoder
+    text_encoder: torch.nn.Module
+    diffusion: DiffusionConfig
+
+
+# ---- files --------------------------------------------------------------------------------------------------
+
+def load_state_dict(path: PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file; pickle formats (.ckpt/.pt/.bin) only with allow_pickle=True, and then
+    through torch.load(weights_only=True), which refuses arbitrary objects."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise ValueError(f"unknown checkpoint type {path.suffix!r} for {path}; expected .safetensors"
+                         f" (or {', '.join(PICKLE_SUFFIXES)} with allow_pickle=True)")
+    if not allow_pickle:
+        raise ValueError(f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
+                         "safetensors, or pass allow_pickle=True if you trust it (loaded with weights_only=True)")
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a flat dict of tensors (or one under 'state_dict')")
+    return obj
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: PathLike,
+                    metadata: Optional[dict[str, str]] = None) -> None:
+    """Write safetensors atomically: to a temporary file in the same folder, then os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def write_json(obj: Any, path: PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: PathLike) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def _replace_folder(tmp: Path, folder: Path) -> None:
+    """Swap a fully written folder into place; the old one is removed only after the new one is there."""
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+
+def resolve(path: Optional[PathLike]) -> Path:
+    """A path, or the name of a model shipped in weights/ (None: the default one)."""
+    if path is None:
+        path = DEFAULT_MODEL
+    p = Path(path)
+    if not p.exists() and (WEIGHTS_DIR / str(path)).exists():
+        return WEIGHTS_DIR / str(path)
+    if not p.exists():
+        shipped = sorted(d.name for d in WEIGHTS_DIR.iterdir() if d.is_dir()) if WEIGHTS_DIR.exists() else []
+        raise FileNotFoundError(f"no model at {path!r}: not a file or folder, nor a shipped model "
+                                f"(weights/: {', '.join(shipped) or 'none yet'}); nothing is downloaded")
+    return p
+
+
+def load_pipeline(path: Optional[PathLike] = None, prediction_type: Optional[str] = None,
+                  allow_pickle: bool = False) -> PipelineParts:
+    p = resolve(path)
+    if p.is_dir():
+        if (p / PIPELINE_FILE).exists():
+            return load_folder(p)
+        if (p / "model_index.json").exists():
+            return load_diffusers_folder(p, allow_pickle)
+        raise ValueError(f"{p} is neither an ldm folder ({PIPELINE_FILE}) nor a diffusers folder (model_index.json)")
+    return load_single_file(p, prediction_type, allow_pickle)
+
+
+def _model(cls, config, state_dict, what: str):
+    with torch.device("meta"):
+        module = cls(config)
+    module = module.to_empty(device="cpu")
+    load_exact(module, state_dict, what)
+    return module.eval()
+
+
+def load_folder(folder: PathLike) -> PipelineParts:
+    """This project's format: ldm_pipeline.json + unet/, vae/, text_encoder/ (config.json + model.safetensors)."""
+    folder = Path(folder)
+    meta = read_json(folder / PIPELINE_FILE)
+    unet = _model(UNetModel, UNetConfig.from_dict(read_json(folder / "unet" / "config.json")),
+                  load_state_dict(folder / "unet" / "model.safetensors"), f"{folder}/unet")
+    vae = _model(Autoencoder, AutoencoderConfig.from_dict(read_json(folder / "vae" / "config.json")),
+                 load_state_dict(folder / "vae" / "model.safetensors"), f"{folder}/vae")
+    text_encoder = load_text_encoder(folder / "text_encoder")
+    return PipelineParts(unet, vae, text_encoder, DiffusionConfig.from_dict(meta["diffusion"]))
+
+
+def _diffusers_weights(component: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin"):
+        if (component / name).exists():
+            return load_state_dict(component / name, allow_pickle)
+    raise FileNotFoundError(f"no weights in {component} (diffusion_pytorch_model.safetensors)")
+
+
+def load_diffusers_folder(folder: PathLike, allow_pickle: bool = False) -> PipelineParts:
+    """A diffusers StableDiffusionPipeline folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+    folder = Path(folder)
+    unet_config = config_from_diffusers(read_json(folder / "unet" / "config.json"))
+    unet = _model(UNetModel, unet_config,
+                  state_dict_from_diffusers(_diffusers_weights(folder / "unet", allow_pickle), unet_config),
+                  f"{folder}/unet")
+    vae_config = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
+    vae = _model(Autoencoder, vae_config,
+                 autoencoder_state_dict_from_diffusers(_diffusers_weights(folder / "vae", allow_pickle), vae_config),
+                 f"{folder}/vae")
+    text_encoder = CLIPTextEncoder.from_pretrained(folder)
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+    return PipelineParts(unet, vae, text_encoder, DiffusionConfig.from_diffusers(scheduler))
+
+
+def unet_config_from_single_file(sd: Mapping[str, torch.Tensor], version: int) -> UNetConfig:
+    """The U-Net architecture read off its weights (head layout from the SD version: v1 8 heads, v2 64 wide)."""
+    def has(k):
+        return k in sd
+    mc, in_ch = sd["input_blocks.0.0.weight"].shape[:2]
+    downs = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"input_blocks\.(\d+)\.0\.op\.weight", k)))
+    n_inputs = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    levels = len(downs) + 1
+    L = (n_inputs - 1 - len(downs)) // levels
+    mult, attn, depth = [], [], []
+    for i in range(levels):
+        k = 1 + i * (L + 1)
+        mult.append(sd[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0] // mc)
+        if has(f"input_blocks.{k}.1.proj_in.weight"):
+            attn.append(2**i)
+            depth.append(1 + max(int(key.split(".")[4]) for key in sd
+                                 if key.startswith(f"input_blocks.{k}.1.transformer_blocks.")))
+    to_k = next(v for k, v in sd.items() if k.endswith("attn2.to_k.weight"))
+    proj_in = next(v for k, v in sd.items() if k.endswith(".proj_in.weight"))
+    heads = dict(num_heads=8, num_head_channels=-1) if version == 1 else dict(num_heads=-1, num_head_channels=64)
+    label = {}
+    if has("label_emb.weight"):
+        label["num_classes"] = sd["label_emb.weight"].shape[0]
+    elif has("label_emb.0.0.weight"):
+        label["adm_in_channels"] = sd["label_emb.0.0.weight"].shape[1]
+    return UNetConfig(in_channels=in_ch, out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
+                      channel_mult=tuple(mult), num_res_blocks=L, attention_resolutions=tuple(attn),
+                      transformer_depth=depth[0] if len(set(depth)) == 1 else tuple(depth), context_dim=to_k.shape[1],
+                      use_linear_in_transformer=proj_in.ndim == 2, **heads, **label)
+
+
+def load_single_file(path: PathLike, prediction_type: Optional[str] = None,
+                     allow_pickle: bool = False) -> PipelineParts:
+    """An original Stable Diffusion v1/v2 checkpoint (model.diffusion_model.*, first_stage_model.*,
+    cond_stage_model.*), read with no network access. v1 vs v2 is told by the text-encoder keys (CLIP vs
+    OpenCLIP); eps vs v is not in the weights: pass prediction_type, else v1 means eps and v2 means v
+    (the 768-px SD 2.x models; 2.x "base" 512-px models are eps)."""
+    sd = load_state_dict(path, allow_pickle)
+    if any(k.startswith(TEXT_PREFIX + "model.") for k in sd):
+        version = 2
+    elif any(k.startswith(TEXT_PREFIX + "transformer.") for k in sd):
+        version = 1
+    else:
+        raise ValueError(f"{path}: unknown layout: no cond_stage_model.transformer.* (SD1 CLIP) or "
+                         "cond_stage_model.model.* (SD2 OpenCLIP) keys")
+    missing = [p for p in (UNET_PREFIX, VAE_PREFIX) if not any(k.startswith(p) for k in sd)]
+    if missing:
+        raise ValueError(f"{path}: unknown layout: no keys start with {', '.join(missing)}")
+    unknown = sorted(k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)))
+    ignorable = re.compile(r"(model_ema\.|betas|alphas_cumprod|alphas_cumprod_prev|sqrt_|log_one_minus_|"
+                           r"posterior_|logvar|lvlb_weights)")
+    unknown = [k for k in unknown if not ignorable.match(k)]
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} unexpected keys, e.g. {', '.join(unknown[:10])}")
+    if prediction_type is None:
+        prediction_type = "eps" if version == 1 else "v"
+        if version == 2:
+            warnings.warn("SD 2.x checkpoint: assuming v-prediction (768-px models); pass prediction_type='eps' "
+                          "for the 512-px base models")
+    unet_sd = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    unet_config = unet_config_from_single_file(unet_sd, version)
+    if version == 2 and prediction_type == "v":
+        unet_config = UNetConfig.from_dict({**unet_config.to_dict(), "sample_size": 96})
+    unet = _model(UNetModel, unet_config, unet_sd, f"{path} (U-Net)")
+    vae_sd = autoencoder_state_dict_from_single_file(sd, prefix=VAE_PREFIX)
+    vae = _model(Autoencoder, config_from_state_dict(vae_sd), vae_sd, f"{path} (autoencoder)")
+    text_sd = {k: v for k, v in sd.items() if k.startswith(TEXT_PREFIX)}
+    if version == 1:
+        hf = sd1_text_keys_to_hf(text_sd, prefix=TEXT_PREFIX + "transformer.")
+        config = SD1
+    else:  # SD2 reads OpenCLIP's penultimate layer: the HF model keeps all blocks but the last
+        hf = openclip_text_to_hf(text_sd, prefix=TEXT_PREFIX + "model.", penultimate=True)
+        config = SD2
+    layers = 1 + max(int(k.split(".")[3]) for k in hf if k.startswith("text_model.encoder.layers."))
+    width = hf["text_model.embeddings.token_embedding.weight"].shape[1]
+    config = replace(config, num_layers=layers, hidden_size=width, num_heads=width // 64,
+                     intermediate_size=hf["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                     max_length=hf["text_model.embeddings.position_embedding.weight"].shape[0])
+    text_encoder = CLIPTextEncoder.from_state_dict(hf, config)
+    diffusion = DiffusionConfig(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                prediction_type=prediction_type, spacing="leading", steps_offset=1)
+    return PipelineParts(unet, vae, text_encoder.eval(), diffusion)
+
+
+# ---- saving -------------------------------------------------------------------------------------------------
+
+FORMATS = ("ldm", "diffusers")
+
+
+def save_pipeline(unet: UNetModel, vae: Autoencoder, text_encoder, diffusion: DiffusionConfig, folder: PathLike,
+                  format: str = "ldm") -> Path:
+    """Write a pipeline folder atomically (into a temporary sibling, then swapped in)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (_save_ldm if format == "ldm" else _save_diffusers)(unet, vae, text_encoder, diffusion, tmp)
+        _replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _save_component(config: dict, state_dict, folder: Path, weights_name: str) -> None:
+    folder.mkdir()
+    write_json(config, folder / "config.json")
+    save_state_dict(state_dict, folder / weights_name, metadata={"format": "pt"})
+
+
+def _save_ldm(unet, vae, text_encoder, diffusion, folder: Path) -> None:
+    write_json({"format": "ldm-pipeline", "version": 1, "diffusion": diffusion.to_dict()}, folder / PIPELINE_FILE)
+    _save_component(unet.config.to_dict(), unet.state_dict(), folder / "unet", "model.safetensors")
+    _save_component(vae.config.to_dict(), vae.state_dict(), folder / "vae", "model.safetensors")
+    text_encoder.save_pretrained(folder / "text_encoder")
+
+
+def _save_diffusers(unet, vae, text_encoder, diffusion, folder: Path) -> None:
+    import diffusers
+
+    if not isinstance(text_encoder, CLIPTextEncoder) or vae.config.kind != "kl":
+        raise ValueError("the diffusers StableDiffusionPipeline layout needs a CLIP text encoder and a KL autoencoder")
+    write_json({"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+                "feature_extractor": [None, None], "image_encoder": [None, None],
+                "requires_safety_checker": False}, folder / "model_index.json")
+    _save_component(config_to_diffusers(unet.config), state_dict_to_diffusers(unet.state_dict(), unet.config),
+                    folder / "unet", "diffusion_pytorch_model.safetensors")
+    _save_component({"_class_name": "AutoencoderKL", **diffusers_config_from_ours(vae.config)},
+                    autoencoder_state_dict_to_diffusers(vae.state_dict(), vae.config), folder / "vae",
+                    "diffusion_pytorch_model.safetensors")
+    text_encoder.save_pretrained(folder)  # text_encoder/ and tokenizer/ in diffusers' layout
+    (folder / "scheduler").mkdir()
+    write_json(diffusion.to_diffusers(), folder / "scheduler" / "scheduler_config.json")
+
+
+def save_single_file(unet: UNetModel, vae: Autoencoder, text_encoder: CLIPTextEncoder, path: PathLike) -> Path:
+    """An original-layout SD checkpoint (.safetensors) as single-file tools read it: v1 (OpenAI CLIP text keys,
+    quick_gelu) or v2 (OpenCLIP text keys, exact gelu), told by the text encoder's activation. SD2 reads
+    OpenCLIP's penultimate layer, so the last OpenCLIP block is not in our encoder: it is written as zeros."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path must end in .safetensors; got {path.name}")
+    if not isinstance(text_encoder, CLIPTextEncoder):
+        raise ValueError("single-file SD checkpoints hold a CLIP (SD1) or OpenCLIP (SD2) text encoder")
+    sd = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    sd.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
+    hf = text_encoder.model.state_dict()
+    if text_encoder.config.hidden_act == "quick_gelu":
+        sd.update(hf_to_sd1_text_keys(hf, prefix=TEXT_PREFIX + "transformer."))
+    else:
+        text = hf_to_openclip_text(hf, prefix=TEXT_PREFIX + "model.")
+        last = max(int(k.split(".")[4]) for k in text if ".resblocks." in k)
+        text.update({k.replace(f".resblocks.{last}.", f".resblocks.{last + 1}."): torch.zeros_like(v)
+                     for k, v in text.items() if f".resblocks.{last}." in k})
+        sd.update(text)
+    save_state_dict(sd, path)
+    return path

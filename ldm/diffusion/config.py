@@ -1,0 +1,68 @@
+"""How a model was trained to be sampled: schedule, parameterization, variance, default timestep spacing."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+from . import parameterization as param
+from .schedule import SCHEDULE_ALIASES, SPACINGS, NoiseSchedule
+
+_DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+_DIFFUSERS_SCHEDULE = {"cosine": "squaredcos_cap_v2"}
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: str = "scaled_linear"
+    num_timesteps: int = 1000
+    beta_start: Optional[float] = None
+    beta_end: Optional[float] = None
+    prediction_type: str = "eps"
+    variance_type: str = "fixed_small"
+    spacing: str = "trailing"
+    steps_offset: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "schedule", SCHEDULE_ALIASES.get(self.schedule, self.schedule))
+        object.__setattr__(self, "prediction_type", param.check_prediction_type(self.prediction_type))
+        param.check_variance_type(self.variance_type)
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {self.spacing!r}")
+        self.build_schedule()  # validates the schedule name and length
+
+    def build_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_name(self.schedule, self.num_timesteps, beta_start=self.beta_start,
+                                       beta_end=self.beta_end)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiffusionConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown DiffusionConfig fields: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_diffusers(cls, d: dict[str, Any]) -> "DiffusionConfig":
+        """From a diffusers scheduler_config.json (DDIM, DDPM, DPM-Solver, PNDM, Euler... share these fields)."""
+        if d.get("trained_betas") is not None:
+            raise ValueError("scheduler config with trained_betas is not supported")
+        if d.get("rescale_betas_zero_snr"):
+            raise ValueError("scheduler config with rescale_betas_zero_snr is not supported")
+        variance = d.get("variance_type") or "fixed_small"
+        return cls(schedule=d.get("beta_schedule", "linear"), num_timesteps=d.get("num_train_timesteps", 1000),
+                   beta_start=d.get("beta_start", 0.0001), beta_end=d.get("beta_end", 0.02),
+                   prediction_type=d.get("prediction_type", "epsilon"),
+                   variance_type=variance if variance in param.VARIANCE_TYPES else "fixed_small",
+                   spacing=d.get("timestep_spacing", "leading"), steps_offset=d.get("steps_offset", 0))
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """A DDIMScheduler config (steps to x0 at the end, as our samplers do: set_alpha_to_one)."""
+        schedule = self.build_schedule()
+        return {"_class_name": "DDIMScheduler", "num_train_timesteps": self.num_timesteps,
+                "beta_schedule": _DIFFUSERS_SCHEDULE.get(self.schedule, self.schedule),
+                "beta_start": float(schedule.betas[0]), "beta_end": float(schedule.betas[-1]),
+                "prediction_type": _DIFFUSERS_PREDICTION[self.prediction_type], "timestep_spacing": self.spacing,
+                "steps_offset": self.steps_offset, "clip_sample": False, "set_alpha_to_one": True}

@@ -1,0 +1,216 @@
+"""What every latent-diffusion pipeline shares: components, loading/saving, prompt encoding, the guided
+denoiser, seeded noise, the sampling loop with progress and NaN checks, and decoding to images."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm import checkpoints
+from ldm.diffusion import Denoiser
+from ldm.diffusion.config import DiffusionConfig
+from ldm.random import Generator
+from ldm.sampling import (SAMPLERS, classifier_free_guidance, dynamic_thresholding, resolve_timesteps, sample,
+                          static_thresholding)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+THRESHOLDING = ("static", "dynamic")
+
+
+@dataclass
+class PipelineOutput:
+    """images: a list of PIL images ("pil"), a float array [B, H, W, 3] in [0, 1] ("np"), a tensor
+    [B, 3, H, W] in [0, 1] ("pt"), or latents [B, C, h, w] ("latent"). seeds: the seed of each image, if seeded."""
+    images: Any
+    seeds: Optional[list[int]] = None
+
+
+def check_prompts(prompt: Union[str, Sequence[str]], name: str = "prompt") -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"{name} must be a non-empty string or a non-empty list of strings; got {prompt!r}")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{name} must contain only non-empty strings; got {p!r}")
+    return list(prompts)
+
+
+def _check_number(name: str, value, low: float, high: float = float("inf"), low_open: bool = False,
+                  integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        lo = "(" if low_open else "["
+        raise ValueError(f"{name} must be {'an int' if integer else 'a number'} in {lo}{low}, {high}]; got {value!r}")
+
+
+class LatentDiffusionPipeline:
+    """A U-Net denoising the latents of an autoencoder, conditioned on a text encoder."""
+
+    def __init__(self, unet, vae, text_encoder, diffusion: DiffusionConfig):
+        self.unet, self.vae, self.text_encoder, self.diffusion = unet, vae, text_encoder, diffusion
+        self.schedule = diffusion.build_schedule()
+        self.progress = True
+
+    # ---- loading and saving -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: Optional[Union[str, Path]] = None, *, prediction_type: Optional[str] = None,
+                        allow_pickle: bool = False, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        """Load our folder format, a diffusers folder (model_index.json) or an original single-file SD
+        checkpoint (.safetensors; .ckpt only with allow_pickle=True). None loads the shipped default model."""
+        parts = checkpoints.load_pipeline(path, prediction_type=prediction_type, allow_pickle=allow_pickle)
+        pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.diffusion)
+        return pipe.to(device, dtype)
+
+    def save_pretrained(self, folder: Union[str, Path], format: str = "ldm") -> Path:
+        """Write the pipeline as our folder format ("ldm") or as a diffusers folder ("diffusers"), atomically."""
+        return checkpoints.save_pipeline(self.unet, self.vae, self.text_encoder, self.diffusion, folder, format)
+
+    @classmethod
+    def from_pipeline(cls, other: "LatentDiffusionPipeline"):
+        """The same components behind another pipeline class (text-to-image <-> image-to-image)."""
+        return cls(other.unet, other.vae, other.text_encoder, other.diffusion)
+
+    def to(self, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None):
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+            module.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_factor(self) -> int:
+        return self.vae.downsample_factor
+
+    def load_lora(self, path: Union[str, Path], scale: float = 1.0) -> None:
+        raise NotImplementedError("LoRA loading arrives with the fine-tuning work (issue 5)")
+
+    # ---- pieces of a call ---------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]):
+        with torch.no_grad():
+            enc = self.text_encoder.encode(prompts)
+        return enc.embeddings.to(self.device, self.dtype), enc.mask.to(self.device)
+
+    def generators(self, batch: int, seed, generator: Generator) -> tuple[Generator, Optional[list[int]]]:
+        """One generator per image: seed s gives image k the seed s + k, so image k is the same at any batch size."""
+        if generator is not None and seed is not None:
+            raise ValueError("pass seed or generator, not both")
+        if generator is not None:
+            if isinstance(generator, (list, tuple)) and len(generator) != batch:
+                raise ValueError(f"generator is a list of {len(generator)}; the batch has {batch} images")
+            return generator, None
+        if seed is None:
+            return None, None
+        seeds = [seed + k for k in range(batch)] if isinstance(seed, int) and not isinstance(seed, bool) else seed
+        if not isinstance(seeds, (list, tuple)) or len(seeds) != batch or \
+                not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ValueError(f"seed must be an int or a list of {batch} ints (one per image); got {seed!r}")
+        return [torch.Generator(device="cpu").manual_seed(s) for s in seeds], list(seeds)
+
+    def denoiser(self, cond: torch.Tensor, cond_mask: torch.Tensor, uncond: Optional[torch.Tensor],
+                 uncond_mask: Optional[torch.Tensor], guidance_scale: float, thresholding):
+        """The DenoiseFn the samplers walk: CFG in one batched call when uncond is given, then thresholding."""
+        denoiser = Denoiser(self.unet, self.schedule, self.diffusion.prediction_type, self.diffusion.variance_type)
+        if uncond is None:
+            denoise = partial(denoiser, context=cond, context_mask=self._mask(cond_mask))
+        else:
+            mask = self._mask(torch.cat([uncond_mask, cond_mask]))
+            denoise = classifier_free_guidance(partial(denoiser, context=torch.cat([uncond, cond]), context_mask=mask),
+                                               guidance_scale)
+        if thresholding is None:
+            return denoise
+        kind, options = (thresholding, {}) if isinstance(thresholding, str) else \
+            (thresholding.get("kind"), {k: v for k, v in thresholding.items() if k != "kind"})
+        if kind == "static":
+            return static_thresholding(denoise, self.schedule, **options)
+        if kind == "dynamic":
+            return dynamic_thresholding(denoise, self.schedule, **options)
+        raise ValueError(f"thresholding must be None, 'static', 'dynamic' or a dict with kind in {THRESHOLDING}; "
+                         f"got {thresholding!r}")
+
+    def _mask(self, mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """The text padding mask for cross-attention, if the U-Net was trained with one (Stable Diffusion was
+        not: it attends to padding tokens) and anything is masked (else SDPA keeps its fast path)."""
+        return mask if self.unet.config.mask_context and not bool(mask.all()) else None
+
+    def run_sampler(self, denoise, latents: torch.Tensor, timesteps: torch.Tensor, sampler: str, eta: float,
+                    generator: Generator, callback: Optional[Callable]) -> torch.Tensor:
+        options = {"eta": eta} if sampler == "ddim" else {}
+        bar = tqdm(total=len(timesteps), disable=not self.progress, desc=sampler, leave=False)
+
+        def on_step(i, t, x, pred):
+            if not bool(torch.isfinite(x).all()):
+                bar.close()
+                raise FloatingPointError(
+                    f"non-finite latents after step {i} (t={t}) of {sampler}; in float16/bfloat16 try float32, "
+                    "or a smaller guidance_scale")
+            bar.update(1)
+            if callback is not None:
+                callback(i, t, x, pred)
+
+        with torch.no_grad():
+            out = sample(denoise, latents, self.schedule, None, sampler, generator, timesteps=timesteps,
+                         callback=on_step, **options)
+        bar.close()
+        return out
+
+    def decode(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        with torch.no_grad():
+            images = (self.vae.decode(latents.to(self.dtype)).float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return array
+        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+    def check_common(self, prompts: list[str], negative_prompt, num_inference_steps, guidance_scale, sampler, eta,
+                     num_images_per_prompt, output_type) -> Optional[list[str]]:
+        """Validate the arguments every pipeline takes; returns the negative prompts (or None)."""
+        _check_number("num_inference_steps", num_inference_steps, 1, self.schedule.num_timesteps, integer=True)
+        _check_number("guidance_scale", guidance_scale, 0)
+        _check_number("eta", eta, 0)
+        _check_number("num_images_per_prompt", num_images_per_prompt, 1, integer=True)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+        if eta and sampler != "ddim":
+            raise ValueError(f"eta applies to the ddim sampler only; got eta={eta} with sampler={sampler!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+        if negative_prompt is None:
+            return None
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(negatives, (list, tuple)) or len(negatives) != len(prompts) or \
+                not all(isinstance(n, str) for n in negatives):
+            raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt); "
+                             f"got {negative_prompt!r}")
+        return list(negatives)
+
+    def conditioning(self, prompts: list[str], negatives: Optional[list[str]], n: int, guidance_scale: float):
+        """(cond, cond_mask, uncond, uncond_mask) for B = len(prompts) * n images; uncond is None without CFG
+        (guidance_scale <= 1 and no negative prompt, as diffusers decides)."""
+        cond, cond_mask = self.encode_prompts(prompts)
+        cond, cond_mask = cond.repeat_interleave(n, 0), cond_mask.repeat_interleave(n, 0)
+        if guidance_scale <= 1.0:
+            return cond, cond_mask, None, None
+        uncond, uncond_mask = self.encode_prompts(negatives or [""] * len(prompts))
+        return cond, cond_mask, uncond.repeat_interleave(n, 0), uncond_mask.repeat_interleave(n, 0)
+
+    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        return resolve_timesteps(self.schedule, num_inference_steps, self.diffusion.spacing, self.diffusion.steps_offset)

@@ -1,0 +1,91 @@
+"""Image-to-image (SDEdit, Meng et al. 2022): noise the encoded image to a timestep set by `strength`,
+then denoise it under the prompt."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.diffusion import process
+from ldm.random import Generator, randn
+
+from .base import LatentDiffusionPipeline, PipelineOutput, _check_number, check_prompts
+
+ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, Sequence[Image.Image]]
+
+
+def image_to_tensor(image: ImageInput, factor: int) -> torch.Tensor:
+    """PIL image(s), a uint8/float array [H, W, 3] or [B, H, W, 3] (floats in [0, 1]) or a tensor [B, 3, H, W]
+    in [0, 1] -> a tensor in [-1, 1]. Sizes that are not multiples of `factor` are resized down to the nearest
+    multiple (PIL: Lanczos; arrays and tensors: bicubic with antialiasing)."""
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)):
+        if not image or not all(isinstance(im, Image.Image) for im in image):
+            raise ValueError("image must be a PIL image, a list of PIL images, an array or a tensor")
+        size = image[0].size
+        w, h = size[0] - size[0] % factor, size[1] - size[1] % factor
+        arrays = [np.asarray(im.convert("RGB").resize((w, h), Image.LANCZOS) if (w, h) != im.size else
+                             im.convert("RGB"), dtype=np.float32) / 255.0 for im in image]
+        if any(a.shape != arrays[0].shape for a in arrays):
+            raise ValueError("all images in the list must have the same size")
+        tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    elif isinstance(image, np.ndarray):
+        array = image[None] if image.ndim == 3 else image
+        if array.ndim != 4 or array.shape[-1] != 3:
+            raise ValueError(f"an image array must be [H, W, 3] or [B, H, W, 3]; got shape {image.shape}")
+        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+        tensor = torch.from_numpy(array).permute(0, 3, 1, 2)
+    elif isinstance(image, torch.Tensor):
+        tensor = image[None] if image.ndim == 3 else image
+        if tensor.ndim != 4 or tensor.shape[1] != 3:
+            raise ValueError(f"an image tensor must be [3, H, W] or [B, 3, H, W]; got shape {tuple(image.shape)}")
+        tensor = tensor.float()
+    else:
+        raise ValueError(f"image must be a PIL image, a numpy array or a torch tensor; got {type(image).__name__}")
+    if tensor.min() < -1e-6 or tensor.max() > 1 + 1e-6:
+        raise ValueError("image values must lie in [0, 1] (uint8 arrays are scaled from [0, 255])")
+    h, w = tensor.shape[-2:]
+    if h < factor or w < factor:
+        raise ValueError(f"image must be at least {factor}x{factor}; got {h}x{w}")
+    if h % factor or w % factor:
+        tensor = torch.nn.functional.interpolate(tensor, size=(h - h % factor, w - w % factor), mode="bicubic",
+                                                 antialias=True, align_corners=False).clamp(0, 1)
+    return tensor * 2 - 1
+
+
+class ImageToImagePipeline(LatentDiffusionPipeline):
+    def __call__(self, prompt: Union[str, Sequence[str]], image: ImageInput, strength: float = 0.8,
+                 negative_prompt: Union[None, str, Sequence[str]] = None, num_inference_steps: int = 30,
+                 guidance_scale: float = 7.5, sampler: str = "ddim", eta: float = 0.0, thresholding=None,
+                 num_images_per_prompt: int = 1, seed: Union[None, int, Sequence[int]] = None,
+                 generator: Generator = None, output_type: str = "pil",
+                 callback: Optional[Callable] = None) -> PipelineOutput:
+        """Redraw `image` under the prompt. strength in (0, 1]: the last int(strength * steps) of the
+        num_inference_steps timesteps are run (at least one, never zero), starting from the encoded image
+        noised to the first of them; strength 1 starts from (almost) pure noise. One image for all prompts or
+        one per prompt; each is repeated num_images_per_prompt times."""
+        prompts = check_prompts(prompt)
+        negatives = self.check_common(prompts, negative_prompt, num_inference_steps, guidance_scale, sampler, eta,
+                                      num_images_per_prompt, output_type)
+        _check_number("strength", strength, 0, 1, low_open=True)
+        pixels = image_to_tensor(image, self.latent_factor).to(self.device, self.dtype)
+        if pixels.shape[0] not in (1, len(prompts)):
+            raise ValueError(f"give one image or one per prompt ({len(prompts)}); got {pixels.shape[0]}")
+        batch = len(prompts) * num_images_per_prompt
+        pixels = pixels.expand(len(prompts), -1, -1, -1).repeat_interleave(num_images_per_prompt, 0)
+        generators, seeds = self.generators(batch, seed, generator)
+        timesteps = self.timesteps(num_inference_steps)
+        steps = max(1, min(int(num_inference_steps * strength), num_inference_steps))
+        timesteps = timesteps[num_inference_steps - steps:]
+        with torch.no_grad():
+            z0 = self.vae.encode(pixels, generator=generators)
+        noise = randn(z0.shape, generators, z0.dtype, z0.device)
+        latents = process.q_sample(z0, noise, self.schedule.alpha_bar_at(int(timesteps[0])))
+        cond, cond_mask, uncond, uncond_mask = self.conditioning(prompts, negatives, num_images_per_prompt,
+                                                                 guidance_scale)
+        denoise = self.denoiser(cond, cond_mask, uncond, uncond_mask, guidance_scale, thresholding)
+        latents = self.run_sampler(denoise, latents, timesteps, sampler, eta, generators, callback)
+        return PipelineOutput(self.decode(latents, output_type), seeds)

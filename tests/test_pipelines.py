@@ -4,7 +4,7 @@ weights, checkpoint round trips in every format, seeds, and bad input.
 Tiny SD1-style (eps, conv projections, CLIP quick_gelu text) and SD2-style (v-prediction, linear
 projections, head-width attention, gelu text, "!" padding) models are built in diffusers with random weights,
 saved as a diffusers folder, loaded by our from_pretrained, and both pipelines run with the same seeds.
-Images are compared in [0, 1] at atol 1e-3 (measured differences are reported in the README).
+Images are compared in [0, 1] at atol 1e-3 (measured: 4e-6 to 1.6e-5, listed in the README).
 """
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """The shapes benchmark runner end to end: a generator that draws exactly what each prompt asks scores 1.0 on
 every task, one that ignores the prompt scores low, and `ldm bench shapes` runs on a saved model."""
 import numpy as np
-import pytest
 
 from ldm.cli import main
 from ldm.data.shapes import render

@@ -341,7 +341,7 @@ def test_load_rejects_unknown_kind_and_bad_config(tmp_path):
         load_text_encoder(tmp_path)
     with pytest.raises(ValueError, match="no ldm_text_encoder.json"):
         load_text_encoder(tmp_path / "missing")
-    with pytest.raises(ValueError, match="no field"):
+    with pytest.raises(ValueError, match="unknown T5EncoderConfig fields: colour"):
         T5EncoderConfig.from_dict({"d_model": 8, "colour": "red"})
     with pytest.raises(ValueError, match="tokenization"):
         CLIPEncoderConfig(tokenization="sloppy")

@@ -1,9 +1,10 @@
 """How a model was trained to be sampled: schedule, parameterization, variance, default timestep spacing."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..config import JsonConfig
 from . import parameterization as param
 from .schedule import SCHEDULE_ALIASES, SPACINGS, NoiseSchedule
 
@@ -12,7 +13,7 @@ _DIFFUSERS_SCHEDULE = {"cosine": "squaredcos_cap_v2"}
 
 
 @dataclass(frozen=True)
-class DiffusionConfig:
+class DiffusionConfig(JsonConfig):
     schedule: str = "scaled_linear"
     num_timesteps: int = 1000
     beta_start: Optional[float] = None
@@ -33,16 +34,6 @@ class DiffusionConfig:
     def build_schedule(self) -> NoiseSchedule:
         return NoiseSchedule.from_name(self.schedule, self.num_timesteps, beta_start=self.beta_start,
                                        beta_end=self.beta_end)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DiffusionConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown DiffusionConfig fields: {', '.join(unknown)}")
-        return cls(**d)
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> "DiffusionConfig":

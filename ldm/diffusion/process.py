@@ -5,7 +5,6 @@ coefficients are computed in float64 and cast to the data's dtype at use.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

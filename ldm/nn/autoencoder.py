@@ -8,13 +8,14 @@ single-file Stable Diffusion checkpoint loads with no key map; diffusers folders
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.config import JsonConfig
 from ldm.random import Generator, randn
 
 Tensor = torch.Tensor
@@ -22,7 +23,7 @@ KINDS = ("kl", "vq")
 
 
 @dataclass(frozen=True)
-class AutoencoderConfig:
+class AutoencoderConfig(JsonConfig):
     """Autoencoder hyper-parameters, named as in the original LDM first-stage configs.
 
     ch / ch_mult: width of level i is ch * ch_mult[i]; the image is downsampled 2x between levels.
@@ -82,16 +83,6 @@ class AutoencoderConfig:
     @property
     def latent_channels(self) -> int:
         return self.embed_dim
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AutoencoderConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown AutoencoderConfig fields: {', '.join(unknown)}")
-        return cls(**d)
 
     @classmethod
     def sd(cls, **overrides) -> "AutoencoderConfig":

@@ -6,13 +6,14 @@ Module names follow the original SD checkpoints (`model.diffusion_model.*`), so 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import JsonConfig
 from .attention import CrossAttention, SpatialTransformer, check_backend
 from .layers import Downsample, ResBlock, Upsample, timestep_embedding
 
@@ -20,7 +21,7 @@ Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(JsonConfig):
     """U-Net hyper-parameters, named as in the original LDM configs.
 
     attention_resolutions: downsampling rates (1, 2, 4, ...) at which transformer blocks are used.
@@ -78,17 +79,6 @@ class UNetConfig:
         if self.num_head_channels == -1:
             return self.num_heads, channels // self.num_heads
         return channels // self.num_head_channels, self.num_head_channels
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig fields: {', '.join(unknown)}")
-        return cls(**d)
 
     @classmethod
     def sd1(cls, **overrides) -> "UNetConfig":

@@ -1,7 +1,6 @@
 """The one text-encoder interface: prompts -> per-token embeddings, their mask and an optional pooled vector."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import JsonConfig
 from .tokenizers import SpecialTokens
 
 CONFIG_NAME = "ldm_text_encoder.json"
@@ -25,21 +25,8 @@ class TextEncoding:
     pooled: torch.Tensor | None = None
 
 
-class EncoderConfig:
-    """Mixin for the frozen config dataclasses: to_dict / from_dict for json."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-json dict of every field."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        """Inverse of to_dict; unknown fields are an error, missing ones take their defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__} has no field(s) {unknown}")
-        return cls(**d)
+class EncoderConfig(JsonConfig):
+    """Base of the text encoders' frozen config dataclasses (to_dict / from_dict for json)."""
 
 
 def check_prompts(prompts: Any) -> list[str]:

@@ -55,8 +55,9 @@ class UNetConfig(JsonConfig):
     mask_context: bool = False  # trained with padding tokens masked out of cross-attention (SD: no)
 
     def __post_init__(self):
-        for name in ("channel_mult", "attention_resolutions"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        # a set of rates; kept sorted so that configs that mean the same compare equal
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions))))
         if isinstance(self.transformer_depth, list):
             object.__setattr__(self, "transformer_depth", tuple(self.transformer_depth))
         if self.num_heads == -1 and self.num_head_channels == -1:

@@ -51,7 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .checkpoints import DEFAULT_MODEL, WEIGHTS_DIR
 
     if args.model is None and not (WEIGHTS_DIR / DEFAULT_MODEL).exists():
-        print(f"No model is shipped in weights/{DEFAULT_MODEL} yet (it is still being trained), so there are no "
+        print(f"No model is shipped in weights/{DEFAULT_MODEL} yet (it is not trained yet), so there are no "
               "images to draw. Here is the diffusion core instead, every sampler on Gaussian data with its "
               "exact denoiser:\n")
         return _oracle_table(argparse.Namespace(schedule="cosine", samples=10_000))

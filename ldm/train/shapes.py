@@ -150,7 +150,7 @@ def _text_cache(text: HFTextEncoder, captions: list[str]) -> tuple[dict[str, int
     with torch.no_grad():
         for i in range(0, len(unique), 256):
             chunk = unique[i:i + 256]
-            enc = text.encode([c if c else "" for c in chunk])
+            enc = text.encode(chunk)
             embs.append(enc.embeddings.half())
             masks.append(enc.mask)
     return {c: i for i, c in enumerate(unique)}, torch.cat(embs), torch.cat(masks)

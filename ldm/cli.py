@@ -156,6 +156,86 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """Fine-tune a pipeline on a captioned image folder (TrainConfig fields from --config, then from the flags)."""
+    import json
+    from dataclasses import fields
+
+    from .train.config import TrainConfig
+    from .train.trainer import Trainer
+
+    names = {f.name for f in fields(TrainConfig)}
+    try:
+        values = {}
+        if getattr(args, "config", None):
+            with open(args.config) as f:
+                values = json.load(f)
+            if not isinstance(values, dict):
+                raise ValueError(f"--config {args.config} must hold a JSON object of TrainConfig fields")
+        values.update({k: v for k, v in vars(args).items() if k in names})
+        final = Trainer(TrainConfig.from_dict(values), resume=getattr(args, "resume", None)).train()
+    except (ValueError, OSError) as err:  # json.JSONDecodeError is a ValueError
+        print(f"ldm train: error: {err}", file=sys.stderr)
+        return 2
+    print(final)
+    return 0
+
+
+def number_or_none(text: str):
+    return None if text.lower() == "none" else float(text)
+
+
+def int_or_none(text: str):
+    return None if text.lower() == "none" else int(text)
+
+
+def _add_train_args(cmd: argparse.ArgumentParser) -> None:
+    """Every flag defaults to 'not given' (SUPPRESS), so --config values stay unless a flag overrides them."""
+    from .train import config as tc
+
+    flag = argparse.BooleanOptionalAction
+    add = cmd.add_argument
+    add("--config", help="JSON file of TrainConfig fields (flags override it)")
+    add("--data", dest="data_dir", help="captioned image folder (metadata.jsonl, metadata.csv or img + img.txt)")
+    add("--output", dest="output_dir", help="run folder: checkpoints/, samples/, log.csv, final/")
+    add("--base", dest="base_model", help="base model: our folder, a diffusers folder, an SD .safetensors file or a "
+                                          "shipped model's name (default: the shipped default)")
+    add("--resume", help="'latest' (the newest checkpoint in --output; a fresh start if none) or a step-N folder")
+    add("--format", dest="data_format", choices=tc.DATA_FORMATS)
+    add("--resolution", type=int)
+    add("--crop", choices=tc.CROPS)
+    add("--random-flip", action=flag)
+    add("--caption-dropout", type=float)
+    add("--cache-latents", action=flag, help="encode images and captions once (needs --crop center, no flip)")
+    add("--mode", choices=tc.MODES)
+    add("--train-text-encoder", action=flag)
+    add("--lora-rank", type=int)
+    add("--lora-alpha", type=number_or_none)
+    add("--loss", choices=tc.LOSSES)
+    add("--snr-gamma", type=number_or_none, help="min-SNR-gamma loss weighting, e.g. 5 (default: none)")
+    add("--lr", dest="learning_rate", type=float)
+    add("--lr-scheduler", choices=tc.LR_SCHEDULERS)
+    add("--warmup-steps", type=int)
+    add("--steps", dest="max_steps", type=int)
+    add("--batch-size", type=int, help="per process")
+    add("--grad-accum", dest="gradient_accumulation_steps", type=int)
+    add("--mixed-precision", choices=tc.MIXED_PRECISION)
+    add("--gradient-checkpointing", action=flag)
+    add("--ema-decay", type=number_or_none, help="e.g. 0.999 (default: no EMA)")
+    add("--max-grad-norm", type=number_or_none, help="gradient clipping norm, or 'none'")
+    add("--weight-decay", type=float)
+    add("--seed", type=int)
+    add("--checkpoint-every", type=int)
+    add("--checkpoints-total-limit", type=int_or_none, help="checkpoints kept (default 2; 'none': all)")
+    add("--sample-every", type=int)
+    add("--sample-prompt", dest="sample_prompts", action="append", help="repeat for several prompts")
+    add("--sample-steps", type=int)
+    add("--sample-guidance", type=float)
+    add("--log", choices=tc.LOGGERS)
+    add("--num-workers", type=int, help="data-loading worker processes")
+    cmd.set_defaults(func=_train)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--per-task", type=int, default=36)
     bench.add_argument("--batch-size", type=int, default=32)
     bench.set_defaults(func=_bench)
+    train = sub.add_parser("train", help="fine-tune a model on a captioned image folder (full or LoRA)",
+                           argument_default=argparse.SUPPRESS)
+    _add_train_args(train)
     args = parser.parse_args(argv)
     if getattr(args, "samples", 2) < 2:
         parser.error("--samples must be at least 2")

@@ -58,6 +58,7 @@ class LatentDiffusionPipeline:
         self.unet, self.vae, self.text_encoder, self.diffusion = unet, vae, text_encoder, diffusion
         self.schedule = diffusion.build_schedule()
         self.progress = True
+        self._lora_originals: dict[str, torch.Tensor] = {}  # weights from before load_lora, for unload_lora
 
     # ---- loading and saving -------------------------------------------------------------------------
     @classmethod
@@ -77,6 +78,20 @@ class LatentDiffusionPipeline:
     def from_pipeline(cls, other: "LatentDiffusionPipeline"):
         """The same components behind another pipeline class (text-to-image <-> image-to-image)."""
         return cls(other.unet, other.vae, other.text_encoder, other.diffusion)
+
+    def load_lora(self, path: Union[str, Path], scale: float = 1.0) -> None:
+        """Merge a LoRA file (ours, diffusers/peft or kohya names) into the U-Net: W <- W + scale * (alpha / r) B A.
+        Loads stack; unload_lora() restores the weights from before the first, exactly."""
+        from ldm.train.lora import merge_lora  # peft is imported only by those who use LoRA
+        originals = merge_lora(self.unet, path, scale)
+        for name, weight in originals.items():
+            self._lora_originals.setdefault(name, weight)  # the weight from before the first LoRA that touched it
+
+    def unload_lora(self) -> None:
+        """Undo every load_lora since the last unload (a no-op if none)."""
+        from ldm.train.lora import restore_weights
+        restore_weights(self.unet, self._lora_originals)
+        self._lora_originals = {}
 
     def to(self, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None):
         for module in (self.unet, self.vae, self.text_encoder):

@@ -212,12 +212,11 @@ def prepare_text(args: argparse.Namespace, folder: Path, text: HFTextEncoder) ->
     return cache
 
 
-def prepare_data(args: argparse.Namespace, folder: Path, ae: Autoencoder, text: HFTextEncoder) -> dict:
-    """Latents of the run's scenes (data.pt) plus the text cache, each computed once."""
-    cache = prepare_text(args, folder, text)
+def prepare_latents(args: argparse.Namespace, folder: Path, ae: Autoencoder) -> dict:
+    """Latents (posterior means) of the run's scenes (data.pt), computed once with the trained autoencoder."""
     path = folder / "data.pt"
     if path.exists():
-        return {**cache, **load_training_state(path)}
+        return load_training_state(path)
     t0 = time.time()
     latents = []
     with torch.no_grad():
@@ -228,7 +227,7 @@ def prepare_data(args: argparse.Namespace, folder: Path, ae: Autoencoder, text: 
     data = {"latents": torch.cat(latents)}
     save_training_state(data, path)
     print(f"encoded {args.num_images} images in {time.time() - t0:.0f} s", flush=True)
-    return {**cache, **data}
+    return data
 
 
 def train_unet(args: argparse.Namespace) -> None:
@@ -236,7 +235,7 @@ def train_unet(args: argparse.Namespace) -> None:
     run = Run(args.run, args.minutes)
     ae = load_autoencoder(args.ae)
     text = HFTextEncoder.minilm(max_length=TEXT_MAX_LENGTH)
-    data = prepare_data(args, run.folder, ae, text)
+    data = {**prepare_text(args, run.folder, text), **prepare_latents(args, run.folder, ae)}
     model = UNetModel(UNET_CONFIG)
     schedule = DIFFUSION.build_schedule()
     denoiser = Denoiser(model, schedule, DIFFUSION.prediction_type)
@@ -467,6 +466,12 @@ def main(argv=None) -> None:
     tx.add_argument("--num-images", type=int, default=30_000)
     tx.add_argument("--seed", type=int, default=0)
     tx.set_defaults(func=lambda a: prepare_text(a, Path(a.run), HFTextEncoder.minilm(max_length=TEXT_MAX_LENGTH)))
+    lt = sub.add_parser("prepare-latents", help="encode the U-Net run's scenes ahead of time")
+    lt.add_argument("--run", required=True)
+    lt.add_argument("--ae", required=True)
+    lt.add_argument("--num-images", type=int, default=30_000)
+    lt.add_argument("--seed", type=int, default=0)
+    lt.set_defaults(func=lambda a: prepare_latents(a, Path(a.run), load_autoencoder(a.ae)))
     ex = sub.add_parser("export")
     ex.add_argument("--ae", required=True)
     ex.add_argument("--unet", required=True)

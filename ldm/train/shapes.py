@@ -353,7 +353,8 @@ def write_model_card(args: argparse.Namespace) -> None:
     with torch.no_grad():
         rec = torch.cat([pipe.vae.decode(pipe.vae.encode(x[i:i + 128], sample=False)) for i in range(0, 512, 128)])
     ae_psnr = psnr(rec, x)
-    bench = run_shapes_benchmark(pipe, num_inference_steps=20, sampler="ddim", guidance_scale=3.0)
+    bench = run_shapes_benchmark(pipe, num_inference_steps=20, sampler="ddim", guidance_scale=3.0,
+                                 per_task=args.per_task)
     one = _seconds_per_call(lambda: pipe("a red circle above a blue square", num_inference_steps=20,
                                          guidance_scale=3.0, seed=0, output_type="np"), 5)
     prompts = [p.text for p in bench_prompts_sample()]
@@ -377,7 +378,7 @@ def write_model_card(args: argparse.Namespace) -> None:
         ae_minutes=ae_state["elapsed"] / 60, unet_steps=unet_state["step"], unet_minutes=unet_state["elapsed"] / 60,
         unet_params=unet_params / 1e6, ae_params=ae_params / 1e6, hardware=hardware(), commands=commands.strip(),
         unet_config=json.dumps(pipe.unet.config.to_dict()), ae_config=json.dumps(pipe.vae.config.to_dict()),
-        scale=pipe.vae.config.scaling_factor, out=args.out, ae=args.ae, unet=args.unet)
+        scale=pipe.vae.config.scaling_factor, per_task=args.per_task, out=args.out, ae=args.ae, unet=args.unet)
     (out / "MODEL_CARD.md").write_text(card)
     print(card)
 
@@ -418,8 +419,8 @@ Loss curves: ![autoencoder loss](autoencoder_loss.png) ![U-Net loss](unet_loss.p
 
 ## Measured
 - Autoencoder reconstruction PSNR on 512 unseen scenes: {psnr:.2f} dB.
-- Shapes benchmark (`ldm bench shapes`, DDIM 20 steps, guidance 3.0, 36 prompts per task and split, fixed
-  seeds):
+- Shapes benchmark (`ldm bench shapes`, DDIM 20 steps, guidance 3.0, {per_task} prompts per task and split,
+  fixed seeds):
 
 {table}
 
@@ -477,6 +478,7 @@ def main(argv=None) -> None:
     ex.add_argument("--unet", required=True)
     ex.add_argument("--out", required=True)
     ex.add_argument("--no-card", action="store_true", help="skip the benchmark and the model card")
+    ex.add_argument("--per-task", type=int, default=36, help="benchmark prompts per task and split")
     ex.set_defaults(func=export)
     args = parser.parse_args(argv)
     args.func(args)

@@ -372,13 +372,15 @@ def write_model_card(args: argparse.Namespace) -> None:
     commands = "".join(open(Path(run) / "commands.txt").read() for run in (args.ae, args.unet)
                        if (Path(run) / "commands.txt").exists())
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
+    text_cache = load_training_state(Path(args.unet) / "text.pt")
     ae_params = sum(p.numel() for p in pipe.vae.parameters())
     card = MODEL_CARD.format(
         psnr=ae_psnr, table=bench["table"], one=one, many=32 / many, ae_steps=ae_state["step"],
         ae_minutes=ae_state["elapsed"] / 60, unet_steps=unet_state["step"], unet_minutes=unet_state["elapsed"] / 60,
         unet_params=unet_params / 1e6, ae_params=ae_params / 1e6, hardware=hardware(), commands=commands.strip(),
         unet_config=json.dumps(pipe.unet.config.to_dict()), ae_config=json.dumps(pipe.vae.config.to_dict()),
-        scale=pipe.vae.config.scaling_factor, per_task=args.per_task, out=args.out, ae=args.ae, unet=args.unet)
+        scale=pipe.vae.config.scaling_factor, per_task=args.per_task, num_images=len(text_cache["caption_ids"]),
+        num_captions=len(text_cache["embeddings"]) - 1, out=args.out, ae=args.ae, unet=args.unet)
     (out / "MODEL_CARD.md").write_text(card)
     print(card)
 
@@ -406,7 +408,7 @@ diamonds and stars from captions such as "a red circle above a blue square".
 Scenes and captions sampled by `ldm.data.shapes.make_batch` (1-3 objects, counts, positions, relations,
 three backgrounds, varied wording). The five held-out color-shape pairs (green star, purple triangle,
 orange square, cyan circle, pink diamond) never appear in the training data. Autoencoder: a fresh batch
-of 16 scenes every step. U-Net: a fixed set of scenes encoded once (number in the command below),
+of 16 scenes every step. U-Net: {num_images} scenes ({num_captions} distinct captions) encoded once,
 with 10% of captions replaced by the empty caption for classifier-free guidance.
 
 ## Training

@@ -237,8 +237,18 @@ def test_killed_run_resumes_exactly(setup, tmp_path):
     kw = dict(base_model=str(tmp_path / "base"), max_steps=6, batch_size=2, gradient_accumulation_steps=2,
               checkpoint_every=2, crop="random", random_flip=True, caption_dropout=0.5, ema_decay=0.9,
               lr_scheduler="cosine", warmup_steps=2, learning_rate=1e-3, seed=7)
-    Trainer(config(setup, tmp_path / "A", **kw)).train()
+    # float sums differ with the thread count, and the killed run is a subprocess with OMP_NUM_THREADS=1: run
+    # every part on one thread so that bit-equality tests resumption, not the thread count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(config(setup, tmp_path / "A", **kw)).train()
+        resumed_run(setup, tmp_path, kw)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def resumed_run(setup, tmp_path, kw):
     args = ["train", "--data", setup["data"], "--output", str(tmp_path / "B"), "--base", str(tmp_path / "base"),
             "--resolution", "32", "--steps", "6", "--batch-size", "2", "--grad-accum", "2", "--checkpoint-every",
             "2", "--crop", "random", "--random-flip", "--caption-dropout", "0.5", "--ema-decay", "0.9",

@@ -13,12 +13,7 @@ from ldm.nn.autoencoder import Autoencoder, AutoencoderConfig
 from ldm.text.base import TextEncoding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(path, size=(24, 24), seed=0, mode="RGB"):

@@ -20,21 +20,13 @@ from ldm.text.clip import SD1
 from ldm.train.lora import (ADAPTER, DEFAULT_TARGETS, add_lora, lora_layers, lora_state_dict, merge_lora, read_lora,
                             restore_weights, save_lora)
 from pipelines import TextToImagePipeline
+from test_checkpoints import randomize
 
 # SD1-style: conv proj_in, so "proj_in" adds Conv2d adapters next to the Linear attention projections
 CONFIG = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
                     num_heads=2, context_dim=12, num_groups=8, sample_size=8)
 TARGETS = DEFAULT_TARGETS + ("proj_in",)
 RANK, ALPHA = 4, 8.0  # alpha != rank, so a lost scaling shows
-
-
-def randomize(module, seed, scale=0.1):
-    """Random weights everywhere (zero-initialised output layers would hide mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=g))
-    return module.eval()
 
 
 def inputs(seed=1):

@@ -30,14 +30,7 @@ TINY_T5 = T5EncoderConfig(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4
 TINY_OPENCLIP = OpenCLIPEncoderConfig(width=32, heads=4, layers=3, output_dim=24)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These networks are tiny: on 2 shared cores, intra-op threading costs more than it saves (11 ms vs 0.05 ms
-    # for a 231x32 linear when another process holds a core).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

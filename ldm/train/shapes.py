@@ -124,6 +124,11 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         step, elapsed = st["step"], st["elapsed"]
         set_rng_state(st["rng"])
         print(f"resumed at step {step}")
+    elif args.init_from_kl:
+        if args.kind != "vq":
+            raise SystemExit("--init-from-kl initializes a VQ autoencoder; pass --kind vq")
+        vq_from_kl(model, load_training_state(Path(args.init_from_kl) / "state.pt")["model"], seed=args.seed)
+        print(f"initialized from the KL autoencoder in {args.init_from_kl}", flush=True)
     val_images, _ = make_batch(256, seed=10**6, size=64)
     val = to_tensor(val_images)
     start = time.time()
@@ -154,6 +159,52 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         if run.due() or run.out_of_time():
             run.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                       "elapsed": elapsed + time.time() - start, "rng": rng_state()})
+
+
+def kmeans(points: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
+    """k centers of [N, D] points by Lloyd's algorithm from k-means++-style seeding on a subsample; an empty
+    cluster is re-seeded at the point farthest from its center."""
+    g = torch.Generator().manual_seed(seed)
+    centers = points[torch.randperm(len(points), generator=g)[:1]]
+    sample = points[torch.randperm(len(points), generator=g)[:20 * k]]
+    while len(centers) < k:  # k-means++ seeding, 64 centers at a time
+        d = torch.cdist(sample, centers).min(dim=1).values.pow(2)
+        centers = torch.cat([centers, sample[torch.multinomial(d + 1e-12, min(64, k - len(centers)), generator=g)]])
+    for _ in range(iters):
+        dist = torch.cdist(points, centers)
+        nearest = dist.argmin(dim=1)
+        sums = torch.zeros_like(centers).index_add_(0, nearest, points)
+        counts = torch.bincount(nearest, minlength=k).unsqueeze(1)
+        empty = counts.squeeze(1) == 0
+        centers = torch.where(counts > 0, sums / counts.clamp(min=1), centers)
+        if empty.any():
+            far = dist.gather(1, nearest[:, None]).squeeze(1).topk(int(empty.sum())).indices
+            centers[empty] = points[far]
+    return centers
+
+
+def vq_from_kl(vq: Autoencoder, kl_state: dict, seed: int = 0, num_images: int = 4096) -> None:
+    """Start a VQ autoencoder from a trained KL one (same widths, z_channels == embed_dim): the KL encoder's
+    mean path folded into the VQ encoder, so the pre-quantization latent equals the KL posterior mean exactly,
+    and the codebook set by k-means on those latents. Fine-tuning then only has to absorb the quantization
+    error, not learn an image code from scratch."""
+    c = vq.config
+    if c.z_channels != c.embed_dim:
+        raise ValueError("vq_from_kl needs z_channels == embed_dim")
+    state = {k: v for k, v in kl_state.items() if not k.startswith(("encoder.conv_out.", "quant_conv."))}
+    # KL: moments = Wq (Wo * h + bo) + bq with Wo: 3x3 conv to 2z channels, Wq: 1x1 conv 2z -> 2e. The mean is
+    # the first e rows of that composition, itself one 3x3 conv; the VQ quant_conv becomes the identity.
+    wq = kl_state["quant_conv.weight"][:c.embed_dim, :, 0, 0]
+    state["encoder.conv_out.weight"] = torch.einsum("ij,jkxy->ikxy", wq, kl_state["encoder.conv_out.weight"])
+    state["encoder.conv_out.bias"] = wq @ kl_state["encoder.conv_out.bias"] + kl_state["quant_conv.bias"][:c.embed_dim]
+    state["quant_conv.weight"] = torch.eye(c.embed_dim)[:, :, None, None]
+    state["quant_conv.bias"] = torch.zeros(c.embed_dim)
+    images, _ = make_batch(num_images, seed=seed * 10**7 + 5 * 10**6, size=64)
+    vq.load_state_dict({**state, "quantize.embedding.weight": vq.quantize.embedding.weight})
+    with torch.no_grad():
+        z = torch.cat([vq._moments(to_tensor(images[i:i + 512])) for i in range(0, num_images, 512)])
+        vq.quantize.embedding.weight.copy_(kmeans(z.permute(0, 2, 3, 1).reshape(-1, c.embed_dim), c.n_embed,
+                                                  seed=seed))
 
 
 def foreground_weight(x: torch.Tensor, fg_weight: float) -> torch.Tensor:
@@ -235,6 +286,8 @@ def train_unet(args: argparse.Namespace) -> None:
     run = Run(args.run, args.minutes)
     ae = load_autoencoder(args.ae)
     text = HFTextEncoder.minilm(max_length=TEXT_MAX_LENGTH)
+    if args.reencode and (run.folder / "data.pt").exists():
+        (run.folder / "data.pt").unlink()  # the autoencoder has changed: encode the scenes again
     data = {**prepare_text(args, run.folder, text), **prepare_latents(args, run.folder, ae)}
     model = UNetModel(UNET_CONFIG)
     schedule = DIFFUSION.build_schedule()
@@ -251,6 +304,12 @@ def train_unet(args: argparse.Namespace) -> None:
         step, elapsed = st["step"], st["elapsed"]
         set_rng_state(st["rng"])
         print(f"resumed at step {step}", flush=True)
+    elif args.init_from:
+        source = EMA(model)
+        source.load_state_dict(load_training_state(Path(args.init_from) / "state.pt")["ema"])
+        source.copy_to(model)
+        ema = EMA(model, args.ema)
+        print(f"initialized from the EMA weights of {args.init_from}", flush=True)
     n = len(data["latents"])
     start = time.time()
     model.train()
@@ -452,6 +511,8 @@ def main(argv=None) -> None:
     ae.add_argument("--reg-weight", type=float, default=1e-6)
     ae.add_argument("--fg-weight", type=float, default=5.0, help="loss weight of object pixels (background: 1)")
     ae.add_argument("--seed", type=int, default=0)
+    ae.add_argument("--init-from-kl", metavar="RUN", help="start a --kind vq run from a trained KL run (folded "
+                    "encoder, k-means codebook)")
     ae.set_defaults(func=train_autoencoder)
     un = sub.add_parser("unet")
     un.add_argument("--run", required=True)
@@ -463,6 +524,9 @@ def main(argv=None) -> None:
     un.add_argument("--cfg-dropout", type=float, default=0.1)
     un.add_argument("--num-images", type=int, default=30_000)
     un.add_argument("--seed", type=int, default=0)
+    un.add_argument("--init-from", metavar="RUN", help="start a new run from the EMA weights of another U-Net run")
+    un.add_argument("--reencode", action="store_true", help="encode the run's scenes again with --ae (after the "
+                    "autoencoder has trained further)")
     un.set_defaults(func=train_unet)
     tx = sub.add_parser("prepare-text", help="build the U-Net run's caption cache ahead of time")
     tx.add_argument("--run", required=True)

@@ -1,0 +1,47 @@
+"""The shapes-64 recipe's pieces that are not exercised by training itself: the VQ-from-KL start (an exact
+fold of the KL encoder's mean path) and the k-means that seeds its codebook."""
+import dataclasses
+
+import pytest
+import torch
+
+from ldm.nn.autoencoder import Autoencoder
+from ldm.train.shapes import AE_CONFIGS, kmeans, to_tensor, vq_from_kl
+from ldm.data.shapes import make_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_kmeans_recovers_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    true = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    points = torch.cat([c + 0.1 * torch.randn(500, 2, generator=g) for c in true])
+    centers = kmeans(points, 4, seed=1)
+    # each true center has a found center within 0.05 (the cluster means are within ~0.01 of the truth)
+    assert torch.cdist(true, centers).min(dim=1).values.max() < 0.05
+
+
+def test_kmeans_fills_every_center():
+    points = torch.randn(300, 3, generator=torch.Generator().manual_seed(0))
+    centers = kmeans(points, 64, seed=0)
+    used = torch.cdist(points, centers).argmin(dim=1).unique()
+    assert len(used) == 64
+
+
+def test_vq_from_kl_encodes_exactly_the_kl_mean():
+    small = dict(n_embed=32)
+    kl = Autoencoder(AE_CONFIGS["kl"]).eval()
+    torch.manual_seed(0)
+    for p in kl.parameters():  # non-trivial weights everywhere, including the log-variance path
+        p.data.normal_(0, 0.05)
+    vq = Autoencoder(dataclasses.replace(AE_CONFIGS["vq"], **small)).eval()
+    vq_from_kl(vq, kl.state_dict(), num_images=8)
+    images, _ = make_batch(4, seed=1, size=64)
+    x = to_tensor(images)
+    with torch.no_grad():
+        mean = kl.posterior(x).mode()
+        pre = vq._moments(x)
+        assert torch.allclose(pre, mean, atol=1e-5, rtol=1e-4)
+        # the decoder is the KL decoder, fed the nearest of the k-means codes
+        codes = vq.quantize.lookup(vq.quantize.indices(pre))
+        assert torch.allclose(vq.decode(vq.encode(x)), kl.decode(codes * kl.config.scaling_factor), atol=1e-5)

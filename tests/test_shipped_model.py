@@ -58,3 +58,25 @@ def test_draws_the_named_color(pipe):
         dominant = names[np.bincount(objects, minlength=len(names)).argmax()] if objects.size else None
         hits.append(dominant == prompt.expectation.objects[0].color)
     assert np.mean(hits) >= DOMINANT_COLOR_THRESHOLD, f"named color dominant in {np.mean(hits):.2f} of images"
+
+
+VQ_MODEL = "shapes-64-vq"
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / VQ_MODEL).exists(), reason="weights/shapes-64-vq not shipped")
+def test_vq_model_samples_and_decodes_through_its_codebook():
+    torch.set_num_threads(2)
+    vq = TextToImagePipeline.from_pretrained(VQ_MODEL)
+    vq.progress = False
+    assert vq.vae.config.kind == "vq"
+    kw = dict(num_inference_steps=6, guidance_scale=3.0, seed=3)
+    latents = vq("a red circle above a blue square", output_type="latent", **kw).images
+    again = vq("a red circle above a blue square", output_type="latent", **kw).images
+    assert torch.equal(latents, again)
+    # the U-Net works on the pre-quantization latent; decoding snaps each position to its nearest code
+    scale = vq.vae.config.scaling_factor
+    codes = vq.vae.quantize.lookup(vq.vae.quantize.indices(latents / scale)) * scale
+    with torch.no_grad():
+        np.testing.assert_allclose(vq.vae.decode(latents).numpy(), vq.vae.decode(codes).numpy(), atol=1e-5)
+    image = vq("a red circle above a blue square", **kw).images[0]
+    assert image.size == (64, 64)

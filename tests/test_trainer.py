@@ -225,7 +225,7 @@ def test_cli_flags_and_config_file(setup, tmp_path, capsys):
             saved.sample_prompts) == (1, 2e-4, "lora", 2, 2, ("a", "b"))
 
 
-def test_killed_run_resumes_exactly(setup, tmp_path):
+def test_killed_run_resumes_exactly(setup, tmp_path, one_thread):
     """Run A: 6 steps uninterrupted. Run B (a subprocess running `ldm train`): killed with os._exit halfway
     through writing the step-6 checkpoint, i.e. after step 4's; then resumed with resume='latest'. B must pick
     step-4 (not the partial .tmp-step-6) and end bit-for-bit equal to A: weights, EMA, optimizer, LR schedule,
@@ -237,18 +237,10 @@ def test_killed_run_resumes_exactly(setup, tmp_path):
     kw = dict(base_model=str(tmp_path / "base"), max_steps=6, batch_size=2, gradient_accumulation_steps=2,
               checkpoint_every=2, crop="random", random_flip=True, caption_dropout=0.5, ema_decay=0.9,
               lr_scheduler="cosine", warmup_steps=2, learning_rate=1e-3, seed=7)
-    # float sums differ with the thread count, and the killed run is a subprocess with OMP_NUM_THREADS=1: run
-    # every part on one thread so that bit-equality tests resumption, not the thread count
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(config(setup, tmp_path / "A", **kw)).train()
-        resumed_run(setup, tmp_path, kw)
-    finally:
-        torch.set_num_threads(threads)
+    # float sums differ with the thread count, and the killed run is a subprocess with OMP_NUM_THREADS=1: every
+    # part runs on one thread (the one_thread fixture) so that bit-equality tests resumption, not the thread count
+    Trainer(config(setup, tmp_path / "A", **kw)).train()
 
-
-def resumed_run(setup, tmp_path, kw):
     args = ["train", "--data", setup["data"], "--output", str(tmp_path / "B"), "--base", str(tmp_path / "base"),
             "--resolution", "32", "--steps", "6", "--batch-size", "2", "--grad-accum", "2", "--checkpoint-every",
             "2", "--crop", "random", "--random-flip", "--caption-dropout", "0.5", "--ema-decay", "0.9",

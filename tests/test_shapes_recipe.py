@@ -45,3 +45,19 @@ def test_vq_from_kl_encodes_exactly_the_kl_mean():
         # the decoder is the KL decoder, fed the nearest of the k-means codes
         codes = vq.quantize.lookup(vq.quantize.indices(pre))
         assert torch.allclose(vq.decode(vq.encode(x)), kl.decode(codes * kl.config.scaling_factor), atol=1e-5)
+
+
+def test_vq_from_kl_refuses_a_state_that_is_not_kl():
+    vq = Autoencoder(dataclasses.replace(AE_CONFIGS["vq"], n_embed=32))
+    for state in (Autoencoder(AE_CONFIGS["vq"]).state_dict(), {}):  # a VQ autoencoder's state; not an autoencoder
+        with pytest.raises(ValueError, match="kl_state must be a KL autoencoder"):
+            vq_from_kl(vq, state, num_images=8)
+
+
+def test_runs_started_from_a_missing_run_fail_before_writing(tmp_path):
+    from ldm.train.shapes import main
+    for argv in (["autoencoder", "--kind", "vq", "--init-from-kl", str(tmp_path / "none")],
+                 ["unet", "--ae", str(tmp_path / "none"), "--init-from", str(tmp_path / "none")]):
+        with pytest.raises(SystemExit, match="no run there"):
+            main(argv + ["--run", str(tmp_path / "run")])
+        assert not (tmp_path / "run").exists()

@@ -105,9 +105,18 @@ class Run:
         self.last_save = time.time()
 
 
+def source_run(flag: str, folder: str) -> Path:
+    """The state.pt of a run another one starts from, checked before anything is written."""
+    path = Path(folder) / "state.pt"
+    if not path.is_file():
+        raise SystemExit(f"{flag} {folder}: no run there (expected {path})")
+    return path
+
+
 def train_autoencoder(args: argparse.Namespace) -> None:
     if args.init_from_kl and args.kind != "vq":
         raise SystemExit("--init-from-kl initializes a VQ autoencoder; pass --kind vq")
+    init = source_run("--init-from-kl", args.init_from_kl) if args.init_from_kl else None
     torch.manual_seed(args.seed)
     run = Run(args.run, args.minutes)
     model = Autoencoder(AE_CONFIGS[args.kind])
@@ -127,7 +136,7 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         set_rng_state(st["rng"])
         print(f"resumed at step {step}")
     elif args.init_from_kl:
-        vq_from_kl(model, load_training_state(Path(args.init_from_kl) / "state.pt")["model"], seed=args.seed)
+        vq_from_kl(model, load_training_state(init)["model"], seed=args.seed)
         print(f"initialized from the KL autoencoder in {args.init_from_kl}", flush=True)
     reg_weight = args.reg_weight if args.reg_weight is not None else {"kl": 1e-6, "vq": 1.0}[args.kind]
     val_images, _ = make_batch(256, seed=10**6, size=64)
@@ -192,6 +201,10 @@ def vq_from_kl(vq: Autoencoder, kl_state: dict, seed: int = 0, num_images: int =
     c = vq.config
     if c.z_channels != c.embed_dim:
         raise ValueError("vq_from_kl needs z_channels == embed_dim")
+    moments = kl_state.get("quant_conv.weight")
+    if moments is None or moments.shape[0] != 2 * c.embed_dim or any(k.startswith("quantize.") for k in kl_state):
+        raise ValueError(f"kl_state must be a KL autoencoder's state dict (quant_conv with 2 x {c.embed_dim} "
+                         "outputs: mean and log-variance, no codebook)")
     state = {k: v for k, v in kl_state.items() if not k.startswith(("encoder.conv_out.", "quant_conv."))}
     # KL: moments = Wq (Wo * h + bo) + bq with Wo: 3x3 conv to 2z channels, Wq: 1x1 conv 2z -> 2e. The mean is
     # the first e rows of that composition, itself one 3x3 conv; the VQ quant_conv becomes the identity.
@@ -283,6 +296,7 @@ def prepare_latents(args: argparse.Namespace, folder: Path, ae: Autoencoder) -> 
 
 
 def train_unet(args: argparse.Namespace) -> None:
+    init = source_run("--init-from", args.init_from) if args.init_from else None
     torch.manual_seed(args.seed)
     run = Run(args.run, args.minutes)
     ae = load_autoencoder(args.ae)
@@ -307,7 +321,7 @@ def train_unet(args: argparse.Namespace) -> None:
         print(f"resumed at step {step}", flush=True)
     elif args.init_from:
         source = EMA(model)
-        source.load_state_dict(load_training_state(Path(args.init_from) / "state.pt")["ema"])
+        source.load_state_dict(load_training_state(init)["ema"])
         source.copy_to(model)
         ema = EMA(model, args.ema)
         print(f"initialized from the EMA weights of {args.init_from}", flush=True)

@@ -132,14 +132,22 @@ def _model(cls, config, state_dict, what: str):
     return module.eval()
 
 
+_COMPONENTS = {"unet": (UNetModel, UNetConfig), "vae": (Autoencoder, AutoencoderConfig)}
+
+
+def load_component(folder: PathLike, name: str) -> torch.nn.Module:
+    """One network ("unet" or "vae") of a folder in this project's format: its config.json + model.safetensors."""
+    cls, config_cls = _COMPONENTS[name]
+    part = Path(folder) / name
+    return _model(cls, config_cls.from_dict(read_json(part / "config.json")),
+                  load_state_dict(part / "model.safetensors"), str(part))
+
+
 def load_folder(folder: PathLike) -> PipelineParts:
     """This project's format: ldm_pipeline.json + unet/, vae/, text_encoder/ (config.json + model.safetensors)."""
     folder = Path(folder)
     meta = read_json(folder / PIPELINE_FILE)
-    unet = _model(UNetModel, UNetConfig.from_dict(read_json(folder / "unet" / "config.json")),
-                  load_state_dict(folder / "unet" / "model.safetensors"), f"{folder}/unet")
-    vae = _model(Autoencoder, AutoencoderConfig.from_dict(read_json(folder / "vae" / "config.json")),
-                 load_state_dict(folder / "vae" / "model.safetensors"), f"{folder}/vae")
+    unet, vae = load_component(folder, "unet"), load_component(folder, "vae")
     bundled = meta.get("text_encoder", {})
     if bundled.get("bundled") == BUNDLED_MINILM:
         text_encoder = HFTextEncoder.minilm(**bundled.get("config", {}))

@@ -61,3 +61,46 @@ def test_runs_started_from_a_missing_run_fail_before_writing(tmp_path):
         with pytest.raises(SystemExit, match="no run there"):
             main(argv + ["--run", str(tmp_path / "run")])
         assert not (tmp_path / "run").exists()
+
+
+def test_training_source_takes_a_run_or_a_model_folder(tmp_path):
+    from ldm.checkpoints import WEIGHTS_DIR
+    from ldm.train.shapes import training_source
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "state.pt").write_bytes(b"")
+    assert training_source("--ae", str(tmp_path / "run")) == tmp_path / "run" / "state.pt"
+    if (WEIGHTS_DIR / "shapes-64").exists():  # a shipped model by name, as `--init-from shapes-64` passes it
+        assert training_source("--init-from", "shapes-64") == WEIGHTS_DIR / "shapes-64"
+    (tmp_path / "empty").mkdir()  # a folder that is neither
+    with pytest.raises(SystemExit, match="--ae .*empty: no run there .* and no model folder"):
+        training_source("--ae", str(tmp_path / "empty"))
+
+
+def test_model_history_reads_figures_and_commands(tmp_path):
+    from ldm.train.shapes import model_history
+    (tmp_path / "benchmark.json").write_text('{"unet_steps": 6303, "unet_minutes": 112.3, "autoencoder_steps": 4446}')
+    (tmp_path / "MODEL_CARD.md").write_text("# m\n\n## Reproduce\nruns:\n\n```\n2026-11-25 01:53  python -m ldm.train."
+                                            "shapes autoencoder --run runs/ae\n\npython -m ldm.train.shapes export "
+                                            "--ae runs/ae --unet runs/unet --out w\n```\n")
+    history = model_history(tmp_path)
+    assert history["unet_steps"] == 6303 and history["unet_minutes"] == 112.3
+    assert history["autoencoder_steps"] == 4446 and history["autoencoder_minutes"] == 0  # absent: 0
+    assert history["commands"] == "2026-11-25 01:53  python -m ldm.train.shapes autoencoder --run runs/ae"
+
+
+def test_lr_decay_is_cosine_to_a_tenth():
+    from ldm.train.shapes import lr_decay
+    assert lr_decay(5, None) == 1.0
+    assert lr_decay(0, 1000) == 1.0
+    assert lr_decay(500, 1000) == pytest.approx(0.55)
+    assert lr_decay(1000, 1000) == pytest.approx(0.1) and lr_decay(5000, 1000) == pytest.approx(0.1)
+
+
+def test_status_line_names_the_missed_targets():
+    from ldm.train.shapes import status_line
+    scores = {"seen": {"mean": 0.96}, "heldout": {"mean": 0.9}}
+    met = {"autoencoder_psnr_db": 36.0, "scores": scores, "seconds_batch_1": 0.2, "images_per_second_batch_32": 60}
+    assert status_line(met) == ""
+    line = status_line({**met, "autoencoder_psnr_db": 29.81, "images_per_second_batch_32": 4.5})
+    assert "autoencoder PSNR 29.8 dB (target >= 35 dB)" in line and "batch of 32 4.5 images/s" in line
+    assert "benchmark" not in line and "one image" not in line

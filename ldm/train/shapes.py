@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints import save_pipeline
+from ..checkpoints import PIPELINE_FILE, load_component, resolve, save_pipeline
 from ..data.shapes import make_batch
 from ..diffusion import Denoiser, UniformSampler, training_losses
 from ..diffusion.config import DiffusionConfig
@@ -105,18 +105,38 @@ class Run:
         self.last_save = time.time()
 
 
-def source_run(flag: str, folder: str) -> Path:
-    """The state.pt of a run another one starts from, checked before anything is written."""
-    path = Path(folder) / "state.pt"
-    if not path.is_file():
-        raise SystemExit(f"{flag} {folder}: no run there (expected {path})")
-    return path
+def training_source(flag: str, folder: str) -> Path:
+    """What a run starts from, checked before anything is written: a run folder (its state.pt), or a model folder
+    in this project's format (a path, or the name of a shipped model such as shapes-64), so training can go on from
+    the shipped weights when the run folders are gone."""
+    state = Path(folder) / "state.pt"
+    if state.is_file():
+        return state
+    try:
+        model = resolve(folder)
+    except FileNotFoundError:
+        model = None
+    if model is not None and (model / PIPELINE_FILE).is_file():
+        return model
+    raise SystemExit(f"{flag} {folder}: no run there (expected {state}) and no model folder ({PIPELINE_FILE})")
+
+
+def model_history(folder: Path) -> dict:
+    """How a shipped model folder was trained, from its benchmark.json and the Reproduce block of its model card:
+    steps and minutes of each part and the commands, so a run started from it reports the whole training."""
+    figures = json.loads((folder / "benchmark.json").read_text()) if (folder / "benchmark.json").exists() else {}
+    card = (folder / "MODEL_CARD.md").read_text() if (folder / "MODEL_CARD.md").exists() else ""
+    block = card.split("## Reproduce", 1)[1].split("```")[1] if "## Reproduce" in card else ""
+    commands = [line for line in block.splitlines() if line.strip() and " export " not in line]
+    return {"source": str(folder), "commands": "\n".join(commands),
+            **{k: figures.get(k, 0) for k in ("unet_steps", "unet_minutes", "autoencoder_steps",
+                                              "autoencoder_minutes")}}
 
 
 def train_autoencoder(args: argparse.Namespace) -> None:
     if args.init_from_kl and args.kind != "vq":
         raise SystemExit("--init-from-kl initializes a VQ autoencoder; pass --kind vq")
-    init = source_run("--init-from-kl", args.init_from_kl) if args.init_from_kl else None
+    init = training_source("--init-from-kl", args.init_from_kl) if args.init_from_kl else None
     torch.manual_seed(args.seed)
     run = Run(args.run, args.minutes)
     model = Autoencoder(AE_CONFIGS[args.kind])
@@ -136,7 +156,9 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         set_rng_state(st["rng"])
         print(f"resumed at step {step}")
     elif args.init_from_kl:
-        vq_from_kl(model, load_training_state(init)["model"], seed=args.seed)
+        kl_state = load_training_state(init)["model"] if init.name == "state.pt" else \
+            load_component(init, "vae").state_dict()
+        vq_from_kl(model, kl_state, seed=args.seed)
         print(f"initialized from the KL autoencoder in {args.init_from_kl}", flush=True)
     reg_weight = args.reg_weight if args.reg_weight is not None else {"kl": 1e-6, "vq": 1.0}[args.kind]
     val_images, _ = make_batch(256, seed=10**6, size=64)
@@ -232,9 +254,13 @@ def foreground_weight(x: torch.Tensor, fg_weight: float) -> torch.Tensor:
     return 1 + (fg_weight - 1) * foreground
 
 
-def load_autoencoder(run_folder: str) -> Autoencoder:
-    """The trained autoencoder of a run, with its latent scale set to 1/std of the latents (Rombach et al. 4.3.2)."""
-    st = load_training_state(Path(run_folder) / "state.pt")
+def load_autoencoder(folder: str) -> Autoencoder:
+    """The trained autoencoder of a run, with its latent scale set to 1/std of the latents (Rombach et al. 4.3.2),
+    or that of a model folder, with the scale it shipped with."""
+    source = training_source("--ae", folder)
+    if source.name != "state.pt":
+        return load_component(source, "vae")
+    st = load_training_state(source)
     kind = "vq" if any(k.startswith("quantize.") for k in st["model"]) else "kl"
     model = Autoencoder(AE_CONFIGS[kind])
     model.load_state_dict(st["model"])
@@ -296,10 +322,10 @@ def prepare_latents(args: argparse.Namespace, folder: Path, ae: Autoencoder) -> 
 
 
 def train_unet(args: argparse.Namespace) -> None:
-    init = source_run("--init-from", args.init_from) if args.init_from else None
+    init = training_source("--init-from", args.init_from) if args.init_from else None
+    ae = load_autoencoder(args.ae)
     torch.manual_seed(args.seed)
     run = Run(args.run, args.minutes)
-    ae = load_autoencoder(args.ae)
     text = HFTextEncoder.minilm(max_length=TEXT_MAX_LENGTH)
     if args.reencode and (run.folder / "data.pt").exists():
         (run.folder / "data.pt").unlink()  # the autoencoder has changed: encode the scenes again
@@ -310,21 +336,25 @@ def train_unet(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     ema = EMA(model, args.ema)
     sampler = UniformSampler(schedule.num_timesteps)
-    step, elapsed = 0, 0.0
+    step, elapsed, prior = 0, 0.0, None
     if run.state_path.exists():
         st = load_training_state(run.state_path)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         ema.load_state_dict(st["ema"])
-        step, elapsed = st["step"], st["elapsed"]
+        step, elapsed, prior = st["step"], st["elapsed"], st.get("prior")
         set_rng_state(st["rng"])
         print(f"resumed at step {step}", flush=True)
-    elif args.init_from:
-        source = EMA(model)
-        source.load_state_dict(load_training_state(init)["ema"])
-        source.copy_to(model)
+    elif init is not None:
+        if init.name == "state.pt":
+            source = EMA(model)
+            source.load_state_dict(load_training_state(init)["ema"])
+            source.copy_to(model)
+        else:
+            model.load_state_dict(load_component(init, "unet").state_dict())
+            prior = model_history(init)
         ema = EMA(model, args.ema)
-        print(f"initialized from the EMA weights of {args.init_from}", flush=True)
+        print(f"initialized from the (EMA) weights of {args.init_from}", flush=True)
     n = len(data["latents"])
     start = time.time()
     model.train()
@@ -336,7 +366,7 @@ def train_unet(args: argparse.Namespace) -> None:
         cap = torch.where(drop, torch.full_like(cap, data["empty_id"]), cap)
         context, mask = data["embeddings"][cap].float(), data["masks"][cap]
         t, weights = sampler.sample(args.batch)
-        lr = args.lr * min(1.0, (step + 1) / 500)
+        lr = args.lr * min(1.0, (step + 1) / 500) * lr_decay(step, args.total_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         losses = training_losses(denoiser, z0, t, context=context, context_mask=mask)
@@ -353,7 +383,16 @@ def train_unet(args: argparse.Namespace) -> None:
             print(f"step {step} loss {loss.item():.4f} ({now:.0f} s)", flush=True)
         if run.due() or run.out_of_time():
             run.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step,
-                      "elapsed": elapsed + time.time() - start, "rng": rng_state()})
+                      "elapsed": elapsed + time.time() - start, "rng": rng_state(),
+                      **({"prior": prior} if prior else {})})
+
+
+def lr_decay(step: int, total_steps) -> float:
+    """Cosine from 1 down to 0.1 over total_steps, then 0.1 (1 throughout when total_steps is None): ending a run
+    on a low rate is what lets the weights settle."""
+    if total_steps is None:
+        return 1.0
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
 
 
 def plot_curve(log_csv: Path, column: str, png: Path, title: str) -> None:
@@ -387,6 +426,7 @@ def plot_curve(log_csv: Path, column: str, png: Path, title: str) -> None:
 def export(args: argparse.Namespace) -> None:
     """Write the EMA U-Net, the autoencoder and MiniLM as a pipeline folder in our format, then its model card."""
     ae = load_autoencoder(args.ae)
+    history = training_history(args)  # read before the folder is written: --ae may be the --out folder itself
     st = load_training_state(Path(args.unet) / "state.pt")
     model = UNetModel(UNET_CONFIG)
     ema = EMA(model)
@@ -395,11 +435,45 @@ def export(args: argparse.Namespace) -> None:
     text = HFTextEncoder.minilm(max_length=TEXT_MAX_LENGTH)
     save_pipeline(model.eval(), ae, text, DIFFUSION, args.out)
     out = Path(args.out)
-    plot_curve(Path(args.unet) / "log.csv", "loss", out / "unet_loss.png", "U-Net training loss (v-prediction MSE)")
-    plot_curve(Path(args.ae) / "log.csv", "loss", out / "autoencoder_loss.png", "autoencoder loss (L1 + MSE)")
+    plot_curve(Path(args.unet) / "log.csv", "loss", out / "unet_loss.png", "U-Net training loss (v-prediction MSE)"
+               + (f", after {history['prior_unet_steps']} steps in earlier runs" if history["prior_unet_steps"] else ""))
+    if history["ae_curve"] is None:
+        plot_curve(Path(args.ae) / "log.csv", "loss", out / "autoencoder_loss.png", "autoencoder loss (L1 + MSE)")
+    else:
+        (out / "autoencoder_loss.png").write_bytes(history["ae_curve"])
     print(f"wrote {args.out} (U-Net step {st['step']}, {st['elapsed'] / 60:.0f} min)", flush=True)
     if not args.no_card:
-        write_model_card(args)
+        write_model_card(args, history)
+
+
+def training_history(args: argparse.Namespace) -> dict:
+    """Steps, minutes and commands behind both parts, including the training of a model folder that the
+    autoencoder is (--ae shapes-64) or that the U-Net run started from (--init-from shapes-64)."""
+    unet_state = load_training_state(Path(args.unet) / "state.pt")
+    prior = unet_state.get("prior") or {}
+    ae_source = training_source("--ae", args.ae)
+    if ae_source.name == "state.pt":
+        ae_state = load_training_state(ae_source)
+        ae_steps, ae_minutes, ae_curve = ae_state["step"], ae_state["elapsed"] / 60, None
+        ae_commands = (Path(args.ae) / "commands.txt").read_text() if (Path(args.ae) / "commands.txt").exists() else ""
+    else:
+        shipped = model_history(ae_source)
+        ae_steps, ae_minutes = shipped["autoencoder_steps"], shipped["autoencoder_minutes"]
+        curve = ae_source / "autoencoder_loss.png"
+        ae_curve = curve.read_bytes() if curve.exists() else None
+        # the U-Net's source history already lists the autoencoder's commands when both come from one folder
+        ae_commands = "" if prior.get("source") == str(ae_source) else shipped["commands"]
+    unet_commands = (Path(args.unet) / "commands.txt").read_text()
+    commands = "\n".join(c.strip() for c in (ae_commands, prior.get("commands", ""), unet_commands) if c.strip())
+    note = ""
+    if prior:
+        note = (f"\n  Started from the U-Net of {Path(prior['source']).name} ({prior['unet_steps']} steps, "
+                f"{prior['unet_minutes']:.0f} min), then {unet_state['step']} steps, "
+                f"{unet_state['elapsed'] / 60:.0f} min in this run; the totals above count both.")
+    return {"ae_steps": ae_steps, "ae_minutes": ae_minutes, "ae_curve": ae_curve, "commands": commands,
+            "unet_steps": prior.get("unet_steps", 0) + unet_state["step"],
+            "unet_minutes": prior.get("unet_minutes", 0) + unet_state["elapsed"] / 60,
+            "prior_unet_steps": prior.get("unet_steps", 0), "unet_note": note}
 
 
 def _seconds_per_call(fn, repeats: int) -> float:
@@ -412,7 +486,7 @@ def _seconds_per_call(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def write_model_card(args: argparse.Namespace) -> None:
+def write_model_card(args: argparse.Namespace, history: dict) -> None:
     """Measure the exported model (autoencoder PSNR on unseen scenes, the shapes benchmark, sampling speed) and
     write MODEL_CARD.md and benchmark.json next to the weights."""
     from pipelines import TextToImagePipeline
@@ -434,28 +508,25 @@ def write_model_card(args: argparse.Namespace) -> None:
     prompts = [p.text for p in bench_prompts_sample()]
     many = _seconds_per_call(lambda: pipe(prompts, num_inference_steps=20, guidance_scale=3.0, seed=0,
                                           output_type="np"), 3)
-    ae_state = load_training_state(Path(args.ae) / "state.pt")
-    unet_state = load_training_state(Path(args.unet) / "state.pt")
     figures = {"autoencoder_psnr_db": round(ae_psnr, 2), "scores": bench["scores"],
                "seconds_per_image_benchmark": round(bench["seconds_per_image"], 4),
                "seconds_batch_1": round(one, 4), "images_per_second_batch_32": round(32 / many, 1),
-               "autoencoder_steps": ae_state["step"], "autoencoder_minutes": round(ae_state["elapsed"] / 60, 1),
-               "unet_steps": unet_state["step"], "unet_minutes": round(unet_state["elapsed"] / 60, 1),
+               "autoencoder_steps": history["ae_steps"], "autoencoder_minutes": round(history["ae_minutes"], 1),
+               "unet_steps": history["unet_steps"], "unet_minutes": round(history["unet_minutes"], 1),
                "hardware": hardware()}
     (out / "benchmark.json").write_text(json.dumps(figures, indent=1) + "\n")
-    commands = "".join(open(Path(run) / "commands.txt").read() for run in (args.ae, args.unet)
-                       if (Path(run) / "commands.txt").exists())
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
     text_cache = load_training_state(Path(args.unet) / "text.pt")
     ae_params = sum(p.numel() for p in pipe.vae.parameters())
+    kind = AE_CARD[pipe.vae.config.kind]
     card = MODEL_CARD.format(
-        psnr=ae_psnr, table=bench["table"], one=one, many=32 / many, ae_steps=ae_state["step"],
-        ae_minutes=ae_state["elapsed"] / 60, unet_steps=unet_state["step"], unet_minutes=unet_state["elapsed"] / 60,
-        unet_params=unet_params / 1e6, ae_params=ae_params / 1e6, hardware=hardware(), commands=commands.strip(),
+        psnr=ae_psnr, table=bench["table"], one=one, many=32 / many, ae_steps=history["ae_steps"],
+        ae_minutes=history["ae_minutes"], unet_steps=history["unet_steps"], unet_minutes=history["unet_minutes"],
+        unet_params=unet_params / 1e6, ae_params=ae_params / 1e6, hardware=hardware(), commands=history["commands"],
         unet_config=json.dumps(pipe.unet.config.to_dict()), ae_config=json.dumps(pipe.vae.config.to_dict()),
         scale=pipe.vae.config.scaling_factor, per_task=args.per_task, num_images=len(text_cache["caption_ids"]),
         num_captions=len(text_cache["embeddings"]) - 1, out=args.out, ae=args.ae, unet=args.unet, name=out.name,
-        **AE_CARD[pipe.vae.config.kind])
+        status=status_line(figures), **{**kind, "unet_note": kind["unet_note"] + history["unet_note"]})
     (out / "MODEL_CARD.md").write_text(card)
     print(card)
 
@@ -479,8 +550,21 @@ def bench_prompts_sample() -> list:
     return benchmark_prompts("seen", per_task=6)[:32]
 
 
+def status_line(figures: dict) -> str:
+    """The model card's first line: which of the project's targets (issue 4) the measured figures miss."""
+    seen, heldout = figures["scores"]["seen"]["mean"], figures["scores"]["heldout"]["mean"]
+    missed = [f"{what} {value} (target {target})" for what, value, target, ok in (
+        ("autoencoder PSNR", f"{figures['autoencoder_psnr_db']:.1f} dB", ">= 35 dB", figures["autoencoder_psnr_db"] >= 35),
+        ("benchmark mean seen / held-out", f"{seen:.3f} / {heldout:.3f}", ">= 0.95 / 0.85", seen >= .95 and heldout >= .85),
+        ("one image", f"{figures['seconds_batch_1']:.2f} s", "< 0.3 s", figures["seconds_batch_1"] < 0.3),
+        ("batch of 32", f"{figures['images_per_second_batch_32']} images/s", "> 50",
+         figures["images_per_second_batch_32"] > 50)) if not ok]
+    return f"**Status: below the project's targets**: {'; '.join(missed)}.\n\n" if missed else ""
+
+
 MODEL_CARD = """# {name}: a latent text-to-image model of the shapes world
 
+{status}
 Trained from scratch on this project's procedural shapes world (specs/shapes-world.md) by this project's
 own code (`ldm/train/shapes.py`), on a CPU. It draws 64x64 scenes of colored circles, squares, triangles,
 diamonds and stars from captions such as "a red circle above a blue square".
@@ -551,10 +635,13 @@ def main(argv=None) -> None:
     un.add_argument("--batch", type=int, default=64)
     un.add_argument("--lr", type=float, default=5e-4)
     un.add_argument("--ema", type=float, default=0.998)
+    un.add_argument("--total-steps", type=int, default=None, help="decay the learning rate (cosine, to 0.1x) over "
+                    "this many steps; default: constant")
     un.add_argument("--cfg-dropout", type=float, default=0.1)
     un.add_argument("--num-images", type=int, default=30_000)
     un.add_argument("--seed", type=int, default=0)
-    un.add_argument("--init-from", metavar="RUN", help="start a new run from the EMA weights of another U-Net run")
+    un.add_argument("--init-from", metavar="RUN", help="start a new run from the EMA weights of another U-Net run, "
+                    "or from the U-Net of a model folder (e.g. shapes-64)")
     un.add_argument("--reencode", action="store_true", help="encode the run's scenes again with --ae (after the "
                     "autoencoder has trained further)")
     un.set_defaults(func=train_unet)

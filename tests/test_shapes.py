@@ -12,15 +12,11 @@ import torch
 from ldm.data.shapes import (COLORS, FILL, HELD_OUT, KINDS, OPPOSITE, POSITION_PHRASES, POSITIONS, RELATION_PHRASES,
                              SHAPES, SIZES, Scene, ShapeObject, ShapesDataset, caption, make_batch, place,
                              position_of, relation_holds, render, sample_scene)
-from ldm.eval.shapes_eval import (SPLITS, TASKS, Expectation, ObjectSpec, Prompt, benchmark_prompts, detect,
-                                  evaluate, format_table, prompt_text, scene_for, score)
+from ldm.eval.shapes_eval import (SPLITS, TASKS, Expectation, ObjectSpec, benchmark_prompts, detect,
+                                  evaluate, format_table, ground_truth, prompt_text, scene_for, score)
 
 PROMPTS = {split: benchmark_prompts(split) for split in SPLITS}
 ALL = PROMPTS["seen"] + PROMPTS["heldout"]
-
-
-def ground_truth(prompt: Prompt, size: int = 64) -> np.ndarray:
-    return render(scene_for(prompt.expectation, np.random.default_rng(prompt.seed)), size)
 
 
 def degrade(image: np.ndarray, rng: np.random.Generator, sigma: float = 1.0, noise: float = 5.0,

@@ -43,3 +43,24 @@ def test_cli_bench_on_a_saved_model(tmp_path, capsys):
     out = capsys.readouterr().out
     for word in ("single_object", "attribute_binding", "mean", "seen", "heldout", "seconds per image"):
         assert word in out
+
+
+class PassThrough:
+    """An 'autoencoder' whose latent is the image (lossless), or one that decodes everything to black."""
+
+    def __init__(self, black=False):
+        self.config = type("Config", (), {"resolution": 64})()
+        self.black = black
+
+    def encode(self, x, sample=False):
+        return x
+
+    def decode(self, z):
+        return z * 0 - 1 if self.black else z
+
+
+def test_autoencoder_ceiling_scores_the_round_trip_of_the_ground_truth():
+    from ldm.eval.shapes_bench import autoencoder_ceiling
+    lossless = autoencoder_ceiling(PassThrough(), per_task=2)
+    assert all(s == {**{t: 1.0 for t in TASKS}, "mean": 1.0} for s in lossless.values())
+    assert all(s["mean"] == 0.0 for s in autoencoder_ceiling(PassThrough(black=True), per_task=2).values())

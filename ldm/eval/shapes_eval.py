@@ -44,7 +44,7 @@ import numpy as np
 
 from ..data.shapes import (BACKGROUNDS, CENTROID_DROP, COLORS, FILL, HELD_OUT, POSITIONS, RELATIONS, SHAPES, SIZES,
                            SUBPIXEL, Scene, ShapeObject, check_choice, noun_phrase, place, position_of,
-                           position_phrase, relation_holds, shape_coverage)
+                           position_phrase, relation_holds, render, shape_coverage)
 
 TASKS = ("single_object", "colors", "counting", "position", "relation", "attribute_binding")
 SPLITS = ("seen", "heldout")
@@ -196,6 +196,11 @@ def scene_for(expectation: Expectation, rng: np.random.Generator, background: Op
         if centers is not None:
             return Scene(background, tuple(ShapeObject(c, s, z, x, y) for (c, s, z), (x, y) in zip(items, centers)))
     raise ValueError(f"could not place the objects of {expectation}")
+
+
+def ground_truth(prompt: Prompt, size: int = 64) -> np.ndarray:
+    """A rendered scene that satisfies the prompt, drawn from the prompt's own seed: uint8 [size, size, 3]."""
+    return render(scene_for(prompt.expectation, np.random.default_rng(prompt.seed)), size)
 
 
 # --------------------------------------------------------------------------------------------- evaluator

@@ -227,11 +227,17 @@ class LatentDiffusionPipeline:
     def conditioning(self, prompts: list[str], negatives: Optional[list[str]], n: int, guidance_scale: float):
         """(cond, cond_mask, uncond, uncond_mask) for B = len(prompts) * n images; uncond is None without CFG
         (guidance_scale <= 1 and no negative prompt, as diffusers decides)."""
-        cond, cond_mask = self.encode_prompts(prompts)
-        cond, cond_mask = cond.repeat_interleave(n, 0), cond_mask.repeat_interleave(n, 0)
-        if guidance_scale <= 1.0:
+        k = len(prompts)
+        guided = guidance_scale > 1.0
+        # Both halves in one text-encoder call: one network pass instead of two, and with a chunked encoder both
+        # get the same number of windows (encoded apart, a long prompt beside a short negative could not be batched).
+        embeddings, masks = self.encode_prompts(prompts + ((negatives or [""]) if guided else []))
+        cond, cond_mask = embeddings[:k].repeat_interleave(n, 0), masks[:k].repeat_interleave(n, 0)
+        if not guided:
             return cond, cond_mask, None, None
-        uncond, uncond_mask = self.encode_prompts(negatives or [""] * len(prompts))
+        uncond, uncond_mask = embeddings[k:], masks[k:]
+        if negatives is None:  # the empty prompt, encoded once
+            uncond, uncond_mask = uncond.expand(k, -1, -1), uncond_mask.expand(k, -1)
         return cond, cond_mask, uncond.repeat_interleave(n, 0), uncond_mask.repeat_interleave(n, 0)
 
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:

@@ -6,6 +6,9 @@ projections, head-width attention, gelu text, "!" padding) models are built in d
 saved as a diffusers folder, loaded by our from_pretrained, and both pipelines run with the same seeds.
 Images are compared in [0, 1] at atol 1e-3 (measured: 4e-6 to 1.6e-5, listed in the README).
 """
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +134,26 @@ def test_same_seed_same_image_at_any_batch_size(models):
                 output_type="np").images
     ddpm_single = ours("a pink diamond", num_inference_steps=4, seed=[11], sampler="ddpm", output_type="np").images
     assert np.abs(ddpm[1] - ddpm_single[0]).max() < 1e-4  # per-image noise at every step, not just x_T
+
+
+def test_long_prompt_with_a_chunked_encoder_and_guidance(models):
+    """A prompt longer than one window beside the one-window empty prompt: both halves of the guidance batch get
+    the same windows (encoded separately, the long prompt's 2 x 77 tokens could not be batched with 77). Its
+    second window matters: the same prompt truncated to one window draws another image."""
+    _, _, ours, _ = models
+    chunked = TextToImagePipeline.from_pipeline(ours)
+    chunked.text_encoder = copy.copy(ours.text_encoder)
+    chunked.text_encoder.config = dataclasses.replace(ours.text_encoder.config, chunked=True)
+    chunked.progress = False
+    prompt = "a pink diamond " * 30 + "and a green star"  # 98 tokens: two windows
+    kw = dict(num_inference_steps=2, guidance_scale=3.0, seed=0, output_type="np")
+    long = chunked(prompt, **kw).images
+    with pytest.warns(UserWarning, match="truncated"):
+        truncated = ours(prompt, **kw).images
+    assert long.shape == (1, 64, 64, 3) and np.isfinite(long).all()
+    assert np.abs(long - truncated).max() > 1e-3
+    again = chunked([prompt, "a star"], negative_prompt=["noise", "noise " * 90], **kw).images
+    assert again.shape == (2, 64, 64, 3)
 
 
 def test_outputs_progress_and_callback(models):

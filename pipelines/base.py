@@ -226,7 +226,7 @@ class LatentDiffusionPipeline:
 
     def conditioning(self, prompts: list[str], negatives: Optional[list[str]], n: int, guidance_scale: float):
         """(cond, cond_mask, uncond, uncond_mask) for B = len(prompts) * n images; uncond is None without CFG
-        (guidance_scale <= 1 and no negative prompt, as diffusers decides)."""
+        (guidance_scale <= 1, as diffusers decides; a negative prompt is then not used)."""
         k = len(prompts)
         guided = guidance_scale > 1.0
         # Both halves in one text-encoder call: one network pass instead of two, and with a chunked encoder both

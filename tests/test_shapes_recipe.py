@@ -104,3 +104,13 @@ def test_status_line_names_the_missed_targets():
     line = status_line({**met, "autoencoder_psnr_db": 29.81, "images_per_second_batch_32": 4.5})
     assert "autoencoder PSNR 29.8 dB (target >= 35 dB)" in line and "batch of 32 4.5 images/s" in line
     assert "benchmark" not in line and "one image" not in line
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1.5", "many"])
+def test_total_steps_must_be_a_positive_integer(tmp_path, value, capsys):
+    from ldm.train.shapes import main
+    for command in (["autoencoder"], ["unet", "--ae", "shapes-64"]):
+        with pytest.raises(SystemExit):
+            main(command + ["--run", str(tmp_path / "run"), "--total-steps", value])
+        assert "--total-steps: expected a positive integer" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()

@@ -387,6 +387,17 @@ def train_unet(args: argparse.Namespace) -> None:
                       **({"prior": prior} if prior else {})})
 
 
+def positive_int(text: str) -> int:
+    """argparse type for step counts: an integer >= 1 (a learning-rate schedule over 0 steps divides by zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
+    return value
+
+
 def lr_decay(step: int, total_steps) -> float:
     """Cosine from 1 down to 0.1 over total_steps, then 0.1 (1 throughout when total_steps is None): ending a run
     on a low rate is what lets the weights settle."""
@@ -426,8 +437,8 @@ def plot_curve(log_csv: Path, column: str, png: Path, title: str) -> None:
 def export(args: argparse.Namespace) -> None:
     """Write the EMA U-Net, the autoencoder and MiniLM as a pipeline folder in our format, then its model card."""
     ae = load_autoencoder(args.ae)
-    history = training_history(args)  # read before the folder is written: --ae may be the --out folder itself
     st = load_training_state(Path(args.unet) / "state.pt")
+    history = training_history(args, st)  # read before the folder is written: --ae may be the --out folder itself
     model = UNetModel(UNET_CONFIG)
     ema = EMA(model)
     ema.load_state_dict(st["ema"])
@@ -446,10 +457,9 @@ def export(args: argparse.Namespace) -> None:
         write_model_card(args, history)
 
 
-def training_history(args: argparse.Namespace) -> dict:
+def training_history(args: argparse.Namespace, unet_state: dict) -> dict:
     """Steps, minutes and commands behind both parts, including the training of a model folder that the
     autoencoder is (--ae shapes-64) or that the U-Net run started from (--init-from shapes-64)."""
-    unet_state = load_training_state(Path(args.unet) / "state.pt")
     prior = unet_state.get("prior") or {}
     ae_source = training_source("--ae", args.ae)
     if ae_source.name == "state.pt":
@@ -622,7 +632,7 @@ def main(argv=None) -> None:
     ae.add_argument("--minutes", type=float, default=20)
     ae.add_argument("--batch", type=int, default=32)
     ae.add_argument("--lr", type=float, default=4e-4)
-    ae.add_argument("--total-steps", type=int, default=20000)
+    ae.add_argument("--total-steps", type=positive_int, default=20000)
     ae.add_argument("--reg-weight", type=float, default=None, help="weight of the KL term (default 1e-6) or of the "
                     "VQ codebook + commitment loss (default 1)")
     ae.add_argument("--fg-weight", type=float, default=5.0, help="loss weight of object pixels (background: 1)")
@@ -637,7 +647,7 @@ def main(argv=None) -> None:
     un.add_argument("--batch", type=int, default=64)
     un.add_argument("--lr", type=float, default=5e-4)
     un.add_argument("--ema", type=float, default=0.998)
-    un.add_argument("--total-steps", type=int, default=None, help="decay the learning rate (cosine, to 0.1x) over "
+    un.add_argument("--total-steps", type=positive_int, default=None, help="decay the learning rate (cosine, to 0.1x) over "
                     "this many steps; default: constant")
     un.add_argument("--cfg-dropout", type=float, default=0.1)
     un.add_argument("--num-images", type=int, default=30_000)

@@ -114,3 +114,53 @@ def test_total_steps_must_be_a_positive_integer(tmp_path, value, capsys):
             main(command + ["--run", str(tmp_path / "run"), "--total-steps", value])
         assert "--total-steps: expected a positive integer" in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
+
+
+def test_autoencoder_init_from_refuses_another_kind_before_writing(tmp_path):
+    from ldm.train.shapes import main
+    from ldm.train.state import save_training_state
+    vq = Autoencoder(dataclasses.replace(AE_CONFIGS["vq"], n_embed=32))
+    save_training_state({"model": vq.state_dict(), "step": 10, "elapsed": 60.0}, tmp_path / "vq" / "state.pt")
+    with pytest.raises(SystemExit, match="--init-from .*vq: not a KL autoencoder"):
+        main(["autoencoder", "--run", str(tmp_path / "run"), "--init-from", str(tmp_path / "vq")])
+    with pytest.raises(SystemExit, match="pass one of --init-from"):
+        main(["autoencoder", "--kind", "vq", "--run", str(tmp_path / "run"), "--init-from", str(tmp_path / "vq"),
+              "--init-from-kl", str(tmp_path / "vq")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_autoencoder_history_counts_every_run_it_started_from(tmp_path):
+    from ldm.train.shapes import autoencoder_history
+    from ldm.train.state import save_training_state
+    first = {"source": "weights/shapes-64", "commands": "2026-11-25 01:53  python -m ldm.train.shapes autoencoder",
+             "autoencoder_steps": 4446, "autoencoder_minutes": 65.0}
+    save_training_state({"model": {}, "step": 3000, "elapsed": 1200.0, "prior": first}, tmp_path / "ae" / "state.pt")
+    (tmp_path / "ae" / "commands.txt").write_text("2026-12-02 14:00  python -m ldm.train.shapes autoencoder "
+                                                   "--init-from shapes-64\n")
+    history = autoencoder_history(tmp_path / "ae" / "state.pt")
+    assert history["autoencoder_steps"] == 7446 and history["autoencoder_minutes"] == pytest.approx(85.0)
+    assert history["commands"].splitlines() == [first["commands"], "2026-12-02 14:00  python -m ldm.train.shapes "
+                                                "autoencoder --init-from shapes-64"]
+    assert history["source"] == str(tmp_path / "ae")
+
+
+def test_training_history_lists_each_command_once_across_parts(tmp_path):
+    """Both parts started from one shipped model: its commands once, then the new autoencoder's, then the
+    U-Net's; steps add up per part."""
+    import argparse
+    from ldm.train.shapes import training_history
+    from ldm.train.state import save_training_state
+    shipped = "01:53  autoencoder --run runs/ae\n02:36  unet --run runs/unet --ae runs/ae"
+    ae_prior = {"source": "weights/shapes-64", "commands": shipped, "autoencoder_steps": 4446,
+                "autoencoder_minutes": 65.0}
+    save_training_state({"model": {}, "step": 6000, "elapsed": 2400.0, "prior": ae_prior}, tmp_path / "ae" / "state.pt")
+    (tmp_path / "ae" / "commands.txt").write_text("13:50  autoencoder --init-from shapes-64\n")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "commands.txt").write_text("14:40  unet --ae runs/ae --init-from shapes-64\n")
+    unet_prior = {"source": "weights/shapes-64", "commands": shipped, "unet_steps": 22030, "unet_minutes": 245.0}
+    history = training_history(argparse.Namespace(ae=str(tmp_path / "ae"), unet=str(tmp_path / "unet")),
+                               {"step": 100, "elapsed": 60.0, "prior": unet_prior})
+    assert history["commands"].splitlines() == shipped.splitlines() + ["13:50  autoencoder --init-from shapes-64",
+                                                                       "14:40  unet --ae runs/ae --init-from shapes-64"]
+    assert (history["ae_steps"], history["prior_ae_steps"], history["unet_steps"]) == (10446, 4446, 22130)
+    assert "Started from the autoencoder of shapes-64 (4446 steps), then 6000 steps" in history["ae_note"]

@@ -136,7 +136,16 @@ def model_history(folder: Path) -> dict:
 def train_autoencoder(args: argparse.Namespace) -> None:
     if args.init_from_kl and args.kind != "vq":
         raise SystemExit("--init-from-kl initializes a VQ autoencoder; pass --kind vq")
+    if args.init_from_kl and args.init_from:
+        raise SystemExit("pass one of --init-from (same kind) and --init-from-kl (a VQ run from a KL one)")
     init = training_source("--init-from-kl", args.init_from_kl) if args.init_from_kl else None
+    same = training_source("--init-from", args.init_from) if args.init_from else None
+    if same is not None:  # checked before the run folder is made
+        same_state = load_training_state(same)["model"] if same.name == "state.pt" else \
+            load_component(same, "vae").state_dict()
+        if any(k.startswith("quantize.") for k in same_state) != (args.kind == "vq"):
+            raise SystemExit(f"--init-from {args.init_from}: not a {args.kind.upper()} autoencoder "
+                             "(pass --kind to match)")
     torch.manual_seed(args.seed)
     run = Run(args.run, args.minutes)
     model = Autoencoder(AE_CONFIGS[args.kind])
@@ -147,14 +156,18 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         with torch.no_grad():
             model.quant_conv.bias[model.config.embed_dim:].fill_(-10.0)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step, elapsed = 0, 0.0
+    step, elapsed, prior = 0, 0.0, None
     if run.state_path.exists():
         st = load_training_state(run.state_path)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        step, elapsed = st["step"], st["elapsed"]
+        step, elapsed, prior = st["step"], st["elapsed"], st.get("prior")
         set_rng_state(st["rng"])
         print(f"resumed at step {step}")
+    elif same is not None:
+        prior = autoencoder_history(same)
+        model.load_state_dict(same_state)
+        print(f"initialized from the autoencoder in {args.init_from} ({prior['autoencoder_steps']} steps)", flush=True)
     elif args.init_from_kl:
         kl_state = load_training_state(init)["model"] if init.name == "state.pt" else \
             load_component(init, "vae").state_dict()
@@ -190,7 +203,24 @@ def train_autoencoder(args: argparse.Namespace) -> None:
             print(f"step {step} loss {loss.item():.4f} val PSNR {val_psnr:.2f} dB ({now:.0f} s)", flush=True)
         if run.due() or run.out_of_time():
             run.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                      "elapsed": elapsed + time.time() - start, "rng": rng_state()})
+                      "elapsed": elapsed + time.time() - start, "rng": rng_state(),
+                      **({"prior": prior} if prior else {})})
+
+
+def autoencoder_history(source: Path) -> dict:
+    """Steps, minutes and commands behind the autoencoder a run starts from (--init-from): a run's state.pt (and
+    what it in turn started from) or a shipped model folder."""
+    if source.name != "state.pt":
+        history = model_history(source)
+        return {"source": str(source), **{k: history[k] for k in ("commands", "autoencoder_steps",
+                                                                   "autoencoder_minutes")}}
+    st = load_training_state(source)
+    before = st.get("prior") or {"commands": "", "autoencoder_steps": 0, "autoencoder_minutes": 0}
+    log = source.parent / "commands.txt"
+    commands = "\n".join(c for c in (before["commands"], log.read_text() if log.exists() else "") if c.strip())
+    return {"source": str(source.parent), "commands": commands,
+            "autoencoder_steps": before["autoencoder_steps"] + st["step"],
+            "autoencoder_minutes": before["autoencoder_minutes"] + st["elapsed"] / 60}
 
 
 def kmeans(points: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
@@ -449,7 +479,9 @@ def export(args: argparse.Namespace) -> None:
     plot_curve(Path(args.unet) / "log.csv", "loss", out / "unet_loss.png", "U-Net training loss (v-prediction MSE)"
                + (f", after {history['prior_unet_steps']} steps in earlier runs" if history["prior_unet_steps"] else ""))
     if history["ae_curve"] is None:
-        plot_curve(Path(args.ae) / "log.csv", "loss", out / "autoencoder_loss.png", "autoencoder loss (L1 + MSE)")
+        earlier = f", after {history['prior_ae_steps']} steps in earlier runs" if history["prior_ae_steps"] else ""
+        plot_curve(Path(args.ae) / "log.csv", "loss", out / "autoencoder_loss.png",
+                   "autoencoder loss (L1 + MSE)" + earlier)
     else:
         (out / "autoencoder_loss.png").write_bytes(history["ae_curve"])
     print(f"wrote {args.out} (U-Net step {st['step']}, {st['elapsed'] / 60:.0f} min)", flush=True)
@@ -463,24 +495,32 @@ def training_history(args: argparse.Namespace, unet_state: dict) -> dict:
     prior = unet_state.get("prior") or {}
     ae_source = training_source("--ae", args.ae)
     if ae_source.name == "state.pt":
-        ae_state = load_training_state(ae_source)
-        ae_steps, ae_minutes, ae_curve = ae_state["step"], ae_state["elapsed"] / 60, None
-        ae_commands = (Path(args.ae) / "commands.txt").read_text() if (Path(args.ae) / "commands.txt").exists() else ""
+        ae = autoencoder_history(ae_source)
+        ae_steps, ae_minutes, ae_curve, ae_commands = ae["autoencoder_steps"], ae["autoencoder_minutes"], None, \
+            ae["commands"]
+        ae_prior = load_training_state(ae_source).get("prior") or {"autoencoder_steps": 0}
+        ae_prior_steps = ae_prior["autoencoder_steps"]
+        ae_note = (f" Started from the autoencoder of {Path(ae_prior['source']).name} ({ae_prior_steps} steps), "
+                   f"then {ae_steps - ae_prior_steps} steps in this run; the totals count both."
+                   if ae_prior_steps else "")
     else:
         shipped = model_history(ae_source)
         ae_steps, ae_minutes = shipped["autoencoder_steps"], shipped["autoencoder_minutes"]
         curve = ae_source / "autoencoder_loss.png"
         ae_curve = curve.read_bytes() if curve.exists() else None
-        # the U-Net's source history already lists the autoencoder's commands when both come from one folder
-        ae_commands = "" if prior.get("source") == str(ae_source) else shipped["commands"]
+        ae_commands, ae_prior_steps, ae_note = shipped["commands"], 0, ""
     unet_commands = (Path(args.unet) / "commands.txt").read_text()
-    commands = "\n".join(c.strip() for c in (ae_commands, prior.get("commands", ""), unet_commands) if c.strip())
+    # one line per invocation, in order; a model folder that both parts started from lists its commands once
+    lines = [line.strip() for part in (prior.get("commands", ""), ae_commands, unet_commands)
+             for line in part.splitlines() if line.strip()]
+    commands = "\n".join(dict.fromkeys(lines))
     note = ""
     if prior:
         note = (f"\n  Started from the U-Net of {Path(prior['source']).name} ({prior['unet_steps']} steps, "
                 f"{prior['unet_minutes']:.0f} min), then {unet_state['step']} steps, "
                 f"{unet_state['elapsed'] / 60:.0f} min in this run; the totals above count both.")
     return {"ae_steps": ae_steps, "ae_minutes": ae_minutes, "ae_curve": ae_curve, "commands": commands,
+            "prior_ae_steps": ae_prior_steps, "ae_note": ae_note,
             "unet_steps": prior.get("unet_steps", 0) + unet_state["step"],
             "unet_minutes": prior.get("unet_minutes", 0) + unet_state["elapsed"] / 60,
             "prior_unet_steps": prior.get("unet_steps", 0), "unet_note": note}
@@ -537,7 +577,8 @@ def write_model_card(args: argparse.Namespace, history: dict) -> None:
         unet_config=json.dumps(pipe.unet.config.to_dict()), ae_config=json.dumps(pipe.vae.config.to_dict()),
         scale=pipe.vae.config.scaling_factor, per_task=args.per_task, num_images=len(text_cache["caption_ids"]),
         num_captions=len(text_cache["embeddings"]) - 1, out=args.out, ae=args.ae, unet=args.unet, name=out.name,
-        status=status_line(figures), **{**kind, "unet_note": kind["unet_note"] + history["unet_note"]})
+        status=status_line(figures), ae_note=history["ae_note"],
+        **{**kind, "unet_note": kind["unet_note"] + history["unet_note"]})
     (out / "MODEL_CARD.md").write_text(card)
     print(card)
 
@@ -590,11 +631,12 @@ diamonds and stars from captions such as "a red circle above a blue square".
 Scenes and captions sampled by `ldm.data.shapes.make_batch` (1-3 objects, counts, positions, relations,
 three backgrounds, varied wording). The five held-out color-shape pairs (green star, purple triangle,
 orange square, cyan circle, pink diamond) never appear in the training data. Autoencoder: a fresh batch
-of 16 scenes every step. U-Net: {num_images} scenes ({num_captions} distinct captions) encoded once,
-with 10% of captions replaced by the empty caption for classifier-free guidance.
+of scenes every step (`--batch` in the commands below, 32 where none is given). U-Net: {num_images} scenes
+({num_captions} distinct captions) encoded once, with 10% of captions replaced by the empty caption for
+classifier-free guidance.
 
 ## Training
-- Autoencoder: {ae_steps} steps, {ae_minutes:.0f} min of wall time; {ae_loss}.
+- Autoencoder: {ae_steps} steps, {ae_minutes:.0f} min of wall time; {ae_loss}.{ae_note}
 - U-Net: {unet_steps} steps, {unet_minutes:.0f} min of wall time; L_simple (v-prediction MSE), AdamW,
   EMA of the weights.{unet_note}
 - Hardware: {hardware}.
@@ -637,6 +679,8 @@ def main(argv=None) -> None:
                     "VQ codebook + commitment loss (default 1)")
     ae.add_argument("--fg-weight", type=float, default=5.0, help="loss weight of object pixels (background: 1)")
     ae.add_argument("--seed", type=int, default=0)
+    ae.add_argument("--init-from", metavar="RUN", help="start a new run from the autoencoder of another run or of a "
+                    "model folder (shapes-64) of the same --kind: its weights, a fresh optimizer and schedule")
     ae.add_argument("--init-from-kl", metavar="RUN", help="start a --kind vq run from a trained KL run (folded "
                     "encoder, k-means codebook)")
     ae.set_defaults(func=train_autoencoder)

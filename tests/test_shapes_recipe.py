@@ -164,3 +164,13 @@ def test_training_history_lists_each_command_once_across_parts(tmp_path):
                                                                        "14:40  unet --ae runs/ae --init-from shapes-64"]
     assert (history["ae_steps"], history["prior_ae_steps"], history["unet_steps"]) == (10446, 4446, 22130)
     assert "Started from the autoencoder of shapes-64 (4446 steps), then 6000 steps" in history["ae_note"]
+
+
+def test_autoencoder_run_stops_at_total_steps(tmp_path):
+    """The learning rate is 0 from --total-steps on: the run ends there with a checkpoint, not at --minutes."""
+    from ldm.train.shapes import main
+    from ldm.train.state import load_training_state
+    main(["autoencoder", "--run", str(tmp_path / "run"), "--total-steps", "2", "--batch", "2", "--minutes", "10"])
+    state = load_training_state(tmp_path / "run" / "state.pt")
+    assert state["step"] == 2
+    assert (tmp_path / "run" / "log.csv").read_text().splitlines()[-1].startswith("2,")

@@ -177,7 +177,8 @@ def train_autoencoder(args: argparse.Namespace) -> None:
     val_images, _ = make_batch(256, seed=10**6, size=64)
     val = to_tensor(val_images)
     start = time.time()
-    while not run.out_of_time():
+    # the learning rate is 0 from --total-steps on (cosine to 0), so the run ends there or at --minutes
+    while not run.out_of_time() and step < args.total_steps:
         images, _ = make_batch(args.batch, seed=args.seed * 10**7 + step, size=64)
         x = to_tensor(images)
         out = model(x)
@@ -192,7 +193,8 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 100 == 0 or run.due() or run.out_of_time():
+        last = run.out_of_time() or step >= args.total_steps
+        if step % 100 == 0 or run.due() or last:
             model.eval()
             with torch.no_grad():
                 val_psnr = psnr(model.decode(model.encode(val[:64], sample=False)), val[:64])
@@ -201,7 +203,7 @@ def train_autoencoder(args: argparse.Namespace) -> None:
             run.log({"step": step, "loss": f"{loss.item():.5f}", "reg": f"{out.reg_loss.item():.4f}",
                      "val_psnr": f"{val_psnr:.2f}", "lr": f"{lr:.2e}", "seconds": f"{now:.0f}"})
             print(f"step {step} loss {loss.item():.4f} val PSNR {val_psnr:.2f} dB ({now:.0f} s)", flush=True)
-        if run.due() or run.out_of_time():
+        if run.due() or last:
             run.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                       "elapsed": elapsed + time.time() - start, "rng": rng_state(),
                       **({"prior": prior} if prior else {})})
@@ -674,7 +676,8 @@ def main(argv=None) -> None:
     ae.add_argument("--minutes", type=float, default=20)
     ae.add_argument("--batch", type=int, default=32)
     ae.add_argument("--lr", type=float, default=4e-4)
-    ae.add_argument("--total-steps", type=positive_int, default=20000)
+    ae.add_argument("--total-steps", type=positive_int, default=20000, help="decay the learning rate (cosine, to 0) "
+                    "over this many steps of the run, and stop there (or at --minutes, whichever comes first)")
     ae.add_argument("--reg-weight", type=float, default=None, help="weight of the KL term (default 1e-6) or of the "
                     "VQ codebook + commitment loss (default 1)")
     ae.add_argument("--fg-weight", type=float, default=5.0, help="loss weight of object pixels (background: 1)")

@@ -43,6 +43,17 @@ def test_cli_bench_on_a_saved_model(tmp_path, capsys):
     out = capsys.readouterr().out
     for word in ("single_object", "attribute_binding", "mean", "seen", "heldout", "seconds per image"):
         assert word in out
+    assert "prompt set" not in out  # the published set
+    assert main(["bench", "shapes", "--model", str(tmp_path / "tiny"), "--steps", "2", "--per-task", "1",
+                 "--seed", "1"]) == 0
+    assert "prompt set 1 (not the published one, 0)" in capsys.readouterr().out
+
+
+def test_prompt_sets_other_than_the_published_one_share_no_prompt_and_seed():
+    for split in ("seen", "heldout"):
+        published = {(p.text, p.seed) for p in benchmark_prompts(split, 36)}
+        tuning = {(p.text, p.seed) for p in benchmark_prompts(split, 36, seed=1)}
+        assert len(tuning) == len(published) and not published & tuning
 
 
 class PassThrough:

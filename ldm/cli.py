@@ -182,6 +182,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def int_at_least(low: int):
+    """argparse type: an integer >= low, refused by argparse with the argument's name otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
 def number_or_none(text: str):
     return None if text.lower() == "none" else float(text)
 
@@ -260,12 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks: `ldm bench shapes`")
     bench.add_argument("suite", choices=["shapes"])
     bench.add_argument("--model", default=None)
-    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--steps", type=int_at_least(1), default=20)
     bench.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m", "langevin"])
     bench.add_argument("--guidance", type=float, default=3.0)
-    bench.add_argument("--per-task", type=int, default=36)
-    bench.add_argument("--batch-size", type=int, default=32)
-    bench.add_argument("--seed", type=int, default=0, help="prompt set (prompts and their seeds); 0 is the published "
+    bench.add_argument("--per-task", type=int_at_least(1), default=36)
+    bench.add_argument("--batch-size", type=int_at_least(1), default=32)
+    bench.add_argument("--seed", type=int_at_least(0), default=0, help="prompt set (prompts and their seeds); 0 is the published "
                        "benchmark, others are held-out sets for tuning sampler settings without fitting it")
     bench.set_defaults(func=_bench)
     train = sub.add_parser("train", help="fine-tune a model on a captioned image folder (full or LoRA)",

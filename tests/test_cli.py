@@ -40,3 +40,13 @@ def test_errors_are_reported_not_raised(model_dir, tmp_path, capsys):
     assert main(["img2img", "x", "--model", model_dir, "--image", str(tmp_path / "in.png"), "--strength", "0",
                  "-o", str(tmp_path / "y.png")]) == 2
     assert "strength" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,expected", [("--seed", "-1", "expected an integer >= 0, got -1"),
+                                                 ("--seed", "x", "expected an integer, got 'x'"),
+                                                 ("--per-task", "0", "expected an integer >= 1, got 0"),
+                                                 ("--steps", "0", "expected an integer >= 1, got 0")])
+def test_bench_refuses_bad_counts_by_name(flag, value, expected, capsys):
+    with pytest.raises(SystemExit):  # argparse's usage error, before any model is loaded
+        main(["bench", "shapes", flag, value])
+    assert f"argument {flag}: {expected}" in capsys.readouterr().err

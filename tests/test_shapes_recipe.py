@@ -57,7 +57,9 @@ def test_vq_from_kl_refuses_a_state_that_is_not_kl():
 def test_runs_started_from_a_missing_run_fail_before_writing(tmp_path):
     from ldm.train.shapes import main
     for argv in (["autoencoder", "--kind", "vq", "--init-from-kl", str(tmp_path / "none")],
-                 ["unet", "--ae", str(tmp_path / "none"), "--init-from", str(tmp_path / "none")]):
+                 ["unet", "--ae", str(tmp_path / "none"), "--init-from", str(tmp_path / "none")],
+                 ["autoencoder", "--init-from", ""],  # empty is refused, not taken as "from scratch"
+                 ["unet", "--ae", "shapes-64", "--init-from", ""]):
         with pytest.raises(SystemExit, match="no run there"):
             main(argv + ["--run", str(tmp_path / "run")])
         assert not (tmp_path / "run").exists()
@@ -72,7 +74,7 @@ def test_training_source_takes_a_run_or_a_model_folder(tmp_path):
     if (WEIGHTS_DIR / "shapes-64").exists():  # a shipped model by name, as `--init-from shapes-64` passes it
         assert training_source("--init-from", "shapes-64") == WEIGHTS_DIR / "shapes-64"
     (tmp_path / "empty").mkdir()  # a folder that is neither
-    with pytest.raises(SystemExit, match="--ae .*empty: no run there .* and no model folder"):
+    with pytest.raises(SystemExit, match="--ae .*empty': no run there .* and no model folder"):
         training_source("--ae", str(tmp_path / "empty"))
 
 

@@ -118,7 +118,7 @@ def training_source(flag: str, folder: str) -> Path:
         model = None
     if model is not None and (model / PIPELINE_FILE).is_file():
         return model
-    raise SystemExit(f"{flag} {folder}: no run there (expected {state}) and no model folder ({PIPELINE_FILE})")
+    raise SystemExit(f"{flag} {folder!r}: no run there (expected {state}) and no model folder ({PIPELINE_FILE})")
 
 
 def model_history(folder: Path) -> dict:
@@ -134,16 +134,15 @@ def model_history(folder: Path) -> dict:
 
 
 def train_autoencoder(args: argparse.Namespace) -> None:
-    if args.init_from_kl and args.kind != "vq":
+    if args.init_from_kl is not None and args.kind != "vq":
         raise SystemExit("--init-from-kl initializes a VQ autoencoder; pass --kind vq")
-    if args.init_from_kl and args.init_from:
+    if args.init_from_kl is not None and args.init_from is not None:
         raise SystemExit("pass one of --init-from (same kind) and --init-from-kl (a VQ run from a KL one)")
-    init = training_source("--init-from-kl", args.init_from_kl) if args.init_from_kl else None
-    same = training_source("--init-from", args.init_from) if args.init_from else None
+    init = training_source("--init-from-kl", args.init_from_kl) if args.init_from_kl is not None else None
+    same = training_source("--init-from", args.init_from) if args.init_from is not None else None
     if same is not None:  # checked before the run folder is made
-        same_state = load_training_state(same)["model"] if same.name == "state.pt" else \
-            load_component(same, "vae").state_dict()
-        if any(k.startswith("quantize.") for k in same_state) != (args.kind == "vq"):
+        same_state = autoencoder_weights(same)
+        if autoencoder_kind(same_state) != args.kind:
             raise SystemExit(f"--init-from {args.init_from}: not a {args.kind.upper()} autoencoder "
                              "(pass --kind to match)")
     torch.manual_seed(args.seed)
@@ -168,10 +167,8 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         prior = autoencoder_history(same)
         model.load_state_dict(same_state)
         print(f"initialized from the autoencoder in {args.init_from} ({prior['autoencoder_steps']} steps)", flush=True)
-    elif args.init_from_kl:
-        kl_state = load_training_state(init)["model"] if init.name == "state.pt" else \
-            load_component(init, "vae").state_dict()
-        vq_from_kl(model, kl_state, seed=args.seed)
+    elif init is not None:
+        vq_from_kl(model, autoencoder_weights(init), seed=args.seed)
         print(f"initialized from the KL autoencoder in {args.init_from_kl}", flush=True)
     reg_weight = args.reg_weight if args.reg_weight is not None else {"kl": 1e-6, "vq": 1.0}[args.kind]
     val_images, _ = make_batch(256, seed=10**6, size=64)
@@ -209,18 +206,31 @@ def train_autoencoder(args: argparse.Namespace) -> None:
                       **({"prior": prior} if prior else {})})
 
 
+def autoencoder_weights(source: Path) -> dict:
+    """The autoencoder state dict of a source from training_source: a run's state.pt or a model folder."""
+    return load_training_state(source)["model"] if source.name == "state.pt" else \
+        load_component(source, "vae").state_dict()
+
+
+def autoencoder_kind(state: dict) -> str:
+    """"vq" for the weights of a VQ autoencoder (they hold a codebook), else "kl"."""
+    return "vq" if any(k.startswith("quantize.") for k in state) else "kl"
+
+
 def autoencoder_history(source: Path) -> dict:
     """Steps, minutes and commands behind the autoencoder a run starts from (--init-from): a run's state.pt (and
-    what it in turn started from) or a shipped model folder."""
+    what it in turn started from) or a shipped model folder. For a run, "prior" is what that run itself started
+    from (None when it started from scratch)."""
     if source.name != "state.pt":
         history = model_history(source)
-        return {"source": str(source), **{k: history[k] for k in ("commands", "autoencoder_steps",
-                                                                   "autoencoder_minutes")}}
+        return {"source": str(source), "prior": None,
+                **{k: history[k] for k in ("commands", "autoencoder_steps", "autoencoder_minutes")}}
     st = load_training_state(source)
-    before = st.get("prior") or {"commands": "", "autoencoder_steps": 0, "autoencoder_minutes": 0}
+    prior = st.get("prior")
+    before = prior or {"commands": "", "autoencoder_steps": 0, "autoencoder_minutes": 0}
     log = source.parent / "commands.txt"
     commands = "\n".join(c for c in (before["commands"], log.read_text() if log.exists() else "") if c.strip())
-    return {"source": str(source.parent), "commands": commands,
+    return {"source": str(source.parent), "commands": commands, "prior": prior,
             "autoencoder_steps": before["autoencoder_steps"] + st["step"],
             "autoencoder_minutes": before["autoencoder_minutes"] + st["elapsed"] / 60}
 
@@ -256,7 +266,7 @@ def vq_from_kl(vq: Autoencoder, kl_state: dict, seed: int = 0, num_images: int =
     if c.z_channels != c.embed_dim:
         raise ValueError("vq_from_kl needs z_channels == embed_dim")
     moments = kl_state.get("quant_conv.weight")
-    if moments is None or moments.shape[0] != 2 * c.embed_dim or any(k.startswith("quantize.") for k in kl_state):
+    if moments is None or moments.shape[0] != 2 * c.embed_dim or autoencoder_kind(kl_state) == "vq":
         raise ValueError(f"kl_state must be a KL autoencoder's state dict (quant_conv with 2 x {c.embed_dim} "
                          "outputs: mean and log-variance, no codebook)")
     state = {k: v for k, v in kl_state.items() if not k.startswith(("encoder.conv_out.", "quant_conv."))}
@@ -293,8 +303,7 @@ def load_autoencoder(folder: str) -> Autoencoder:
     if source.name != "state.pt":
         return load_component(source, "vae")
     st = load_training_state(source)
-    kind = "vq" if any(k.startswith("quantize.") for k in st["model"]) else "kl"
-    model = Autoencoder(AE_CONFIGS[kind])
+    model = Autoencoder(AE_CONFIGS[autoencoder_kind(st["model"])])
     model.load_state_dict(st["model"])
     model.eval()
     images, _ = make_batch(512, seed=2 * 10**6, size=64)
@@ -354,7 +363,7 @@ def prepare_latents(args: argparse.Namespace, folder: Path, ae: Autoencoder) -> 
 
 
 def train_unet(args: argparse.Namespace) -> None:
-    init = training_source("--init-from", args.init_from) if args.init_from else None
+    init = training_source("--init-from", args.init_from) if args.init_from is not None else None
     ae = load_autoencoder(args.ae)
     torch.manual_seed(args.seed)
     run = Run(args.run, args.minutes)
@@ -500,7 +509,7 @@ def training_history(args: argparse.Namespace, unet_state: dict) -> dict:
         ae = autoencoder_history(ae_source)
         ae_steps, ae_minutes, ae_curve, ae_commands = ae["autoencoder_steps"], ae["autoencoder_minutes"], None, \
             ae["commands"]
-        ae_prior = load_training_state(ae_source).get("prior") or {"autoencoder_steps": 0}
+        ae_prior = ae["prior"] or {"autoencoder_steps": 0}
         ae_prior_steps = ae_prior["autoencoder_steps"]
         ae_note = (f" Started from the autoencoder of {Path(ae_prior['source']).name} ({ae_prior_steps} steps), "
                    f"then {ae_steps - ae_prior_steps} steps in this run; the totals count both."

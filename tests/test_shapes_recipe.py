@@ -159,12 +159,16 @@ def test_training_history_lists_each_command_once_across_parts(tmp_path):
     (tmp_path / "ae" / "commands.txt").write_text("13:50  autoencoder --init-from shapes-64\n")
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "commands.txt").write_text("14:40  unet --ae runs/ae --init-from shapes-64\n")
+    # 6 scenes with 3 distinct captions (the cache also holds the empty caption)
+    save_training_state({"caption_ids": torch.tensor([0, 1, 2, 0, 1, 2]), "embeddings": torch.zeros(4, 2, 3)},
+                        tmp_path / "unet" / "text.pt")
     unet_prior = {"source": "weights/shapes-64", "commands": shipped, "unet_steps": 22030, "unet_minutes": 245.0}
     history = training_history(argparse.Namespace(ae=str(tmp_path / "ae"), unet=str(tmp_path / "unet")),
                                {"step": 100, "elapsed": 60.0, "prior": unet_prior})
     assert history["commands"].splitlines() == shipped.splitlines() + ["13:50  autoencoder --init-from shapes-64",
                                                                        "14:40  unet --ae runs/ae --init-from shapes-64"]
     assert (history["ae_steps"], history["prior_ae_steps"], history["unet_steps"]) == (10446, 4446, 22130)
+    assert history["unet_data"] == [6, 3] and history["unet_curve"] is None and history["autoencoder_curve"] is None
     assert "Started from the autoencoder of shapes-64 (4446 steps), then 6000 steps" in history["ae_note"]
 
 
@@ -176,3 +180,91 @@ def test_autoencoder_run_stops_at_total_steps(tmp_path):
     state = load_training_state(tmp_path / "run" / "state.pt")
     assert state["step"] == 2
     assert (tmp_path / "run" / "log.csv").read_text().splitlines()[-1].startswith("2,")
+
+
+def test_decoder_only_run_keeps_the_encoder_and_its_latents(tmp_path):
+    """--decoder-only trains post_quant_conv and the decoder; every other weight is bit-identical, so a U-Net
+    trained on the starting autoencoder's latents stays valid. It needs a trained autoencoder to start from, and a
+    run resumes only the way it was started."""
+    from ldm.train.shapes import main
+    from ldm.train.state import load_training_state
+    with pytest.raises(SystemExit, match="--decoder-only .*pass --init-from"):
+        main(["autoencoder", "--run", str(tmp_path / "dec"), "--decoder-only"])
+    assert not (tmp_path / "dec").exists()
+    main(["autoencoder", "--run", str(tmp_path / "ae"), "--total-steps", "1", "--batch", "2"])
+    main(["autoencoder", "--run", str(tmp_path / "dec"), "--init-from", str(tmp_path / "ae"), "--decoder-only",
+          "--total-steps", "2", "--batch", "2"])
+    before = load_training_state(tmp_path / "ae" / "state.pt")["model"]
+    after = load_training_state(tmp_path / "dec" / "state.pt")
+    assert after["decoder_only"] and after["step"] == 2
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert trained and all(torch.equal(before[k], after["model"][k]) for k in before if k not in trained)
+    assert any(not torch.equal(before[k], after["model"][k]) for k in trained)
+    commands = (tmp_path / "dec" / "commands.txt").read_text()
+    with pytest.raises(SystemExit, match="trained with --decoder-only; resume it the same way"):
+        main(["autoencoder", "--run", str(tmp_path / "dec"), "--total-steps", "3", "--batch", "2"])
+    with pytest.raises(SystemExit, match="trained without --decoder-only; resume it the same way"):
+        main(["autoencoder", "--run", str(tmp_path / "ae"), "--decoder-only", "--total-steps", "3", "--batch", "2"])
+    with pytest.raises(SystemExit, match="--init-from-kl makes a new one"):
+        main(["autoencoder", "--kind", "vq", "--run", str(tmp_path / "vq"), "--decoder-only", "--init-from-kl",
+              str(tmp_path / "ae")])
+    assert (tmp_path / "dec" / "commands.txt").read_text() == commands and not (tmp_path / "vq").exists()
+
+
+def test_a_unet_exported_unchanged_needs_an_autoencoder_that_encodes_alike(tmp_path):
+    """export --unet <model folder>: the autoencoder must have that folder's encoder (a decoder-only fine-tune of
+    it), and it takes that folder's latent scale, so the U-Net gets exactly the latents it was trained on."""
+    from ldm.train.shapes import with_latents_of
+    reference = Autoencoder(dataclasses.replace(AE_CONFIGS["kl"], scaling_factor=1.13309))
+    tuned = Autoencoder(dataclasses.replace(AE_CONFIGS["kl"], scaling_factor=1.2))
+    tuned.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        tuned.decoder.conv_out.weight.add_(0.1)
+        tuned.post_quant_conv.bias.add_(0.1)
+    out = with_latents_of(tuned, reference, "--ae runs/dec", tmp_path / "shapes-64")
+    assert out.config.scaling_factor == 1.13309
+    assert torch.equal(out.decoder.conv_out.weight, tuned.decoder.conv_out.weight)
+    x = to_tensor(make_batch(2, seed=0, size=64)[0])
+    with torch.no_grad():
+        assert torch.equal(out.encode(x, sample=False), reference.encode(x, sample=False))
+        tuned.encoder.conv_in.bias.add_(1e-3)
+    with pytest.raises(SystemExit, match="--ae runs/dec: it does not encode like .*--decoder-only --init-from shapes-64"):
+        with_latents_of(tuned, reference, "--ae runs/dec", tmp_path / "shapes-64")
+
+
+def test_model_history_reads_the_unet_data_from_the_card_or_the_figures(tmp_path):
+    from ldm.train.shapes import model_history
+    (tmp_path / "benchmark.json").write_text('{"unet_steps": 36624}')
+    (tmp_path / "MODEL_CARD.md").write_text("## Data\nof scenes every step. U-Net: 60000 scenes\n(35807 distinct "
+                                            "captions) encoded once\n")
+    assert model_history(tmp_path)["unet_data"] == [60000, 35807]  # a card written before benchmark.json held them
+    (tmp_path / "benchmark.json").write_text('{"unet_scenes": 100000, "unet_captions": 55298}')
+    assert model_history(tmp_path)["unet_data"] == [100000, 55298]
+
+
+def test_training_history_of_a_unet_exported_unchanged_from_a_model_folder(tmp_path):
+    """export --ae <decoder-only run> --unet shapes-64: the U-Net's steps, minutes, data and curve are the folder's;
+    the new autoencoder run adds its steps and its command after the folder's commands."""
+    import argparse
+    from ldm.train.shapes import training_history
+    from ldm.train.state import save_training_state
+    folder = tmp_path / "shapes-64"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "ldm_pipeline.json").write_text("{}")
+    (folder / "benchmark.json").write_text('{"unet_steps": 36624, "unet_minutes": 321.0, "autoencoder_steps": 10627,'
+                                           ' "unet_scenes": 60000, "unet_captions": 35807}')
+    (folder / "MODEL_CARD.md").write_text("## Reproduce\n\n```\n01:53  autoencoder --run runs/ae\n02:36  unet --run "
+                                          "runs/unet\npython -m ldm.train.shapes export --ae a --unet u --out w\n```\n")
+    (folder / "unet_loss.png").write_bytes(b"png")
+    ae_prior = {"source": str(folder), "commands": "01:53  autoencoder --run runs/ae\n02:36  unet --run runs/unet",
+                "autoencoder_steps": 10627, "autoencoder_minutes": 101.0}
+    save_training_state({"model": {}, "step": 4000, "elapsed": 4800.0, "prior": ae_prior, "decoder_only": True},
+                        tmp_path / "dec" / "state.pt")
+    (tmp_path / "dec" / "commands.txt").write_text("11:25  autoencoder --init-from shapes-64 --decoder-only\n")
+    history = training_history(argparse.Namespace(ae=str(tmp_path / "dec"), unet=str(folder)), None)
+    assert (history["unet_steps"], history["unet_minutes"], history["unet_data"]) == (36624, 321.0, [60000, 35807])
+    assert history["unet_curve"] == b"png" and history["prior_unet_steps"] == 0
+    assert (history["ae_steps"], history["prior_ae_steps"]) == (14627, 10627)
+    assert "decoder only" in history["ae_note"] and "exported unchanged" in history["unet_note"]
+    assert history["commands"].splitlines() == ["01:53  autoencoder --run runs/ae", "02:36  unet --run runs/unet",
+                                                "11:25  autoencoder --init-from shapes-64 --decoder-only"]

@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..checkpoints import PIPELINE_FILE, load_component, resolve, save_pipeline
 from ..data.shapes import make_batch
 from ..diffusion import Denoiser, UniformSampler, training_losses
 from ..diffusion.config import DiffusionConfig
-from ..nn.autoencoder import Autoencoder, AutoencoderConfig
+from ..nn.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderOutput
 from ..nn.unet import UNetConfig, UNetModel
 from ..text import HFTextEncoder
 from .ema import EMA
@@ -128,7 +129,11 @@ def model_history(folder: Path) -> dict:
     card = (folder / "MODEL_CARD.md").read_text() if (folder / "MODEL_CARD.md").exists() else ""
     block = card.split("## Reproduce", 1)[1].split("```")[1] if "## Reproduce" in card else ""
     commands = [line for line in block.splitlines() if line.strip() and " export " not in line]
-    return {"source": str(folder), "commands": "\n".join(commands),
+    data = re.search(r"U-Net: (\d+) scenes\s+\((\d+) distinct captions\)", card)  # cards written before
+    unet_data = [figures.get("unet_scenes"), figures.get("unet_captions")]      # benchmark.json held them
+    if None in unet_data:
+        unet_data = [int(data[1]), int(data[2])] if data else [0, 0]
+    return {"source": str(folder), "commands": "\n".join(commands), "unet_data": unet_data,
             **{k: figures.get(k, 0) for k in ("unet_steps", "unet_minutes", "autoencoder_steps",
                                               "autoencoder_minutes")}}
 
@@ -145,6 +150,15 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         if autoencoder_kind(same_state) != args.kind:
             raise SystemExit(f"--init-from {args.init_from}: not a {args.kind.upper()} autoencoder "
                              "(pass --kind to match)")
+    resumed = Path(args.run) / "state.pt"
+    if resumed.exists() and load_training_state(resumed).get("decoder_only", False) != args.decoder_only:
+        raise SystemExit(f"{args.run} was trained with{'out' if args.decoder_only else ''} --decoder-only; resume it "
+                         "the same way")
+    if args.decoder_only and args.init_from_kl is not None:
+        raise SystemExit("--decoder-only fine-tunes a trained autoencoder; --init-from-kl makes a new one: train it "
+                         "first, then start a --decoder-only run --init-from it")
+    if args.decoder_only and same is None and not resumed.exists():
+        raise SystemExit("--decoder-only fine-tunes the decoder of a trained autoencoder: pass --init-from")
     torch.manual_seed(args.seed)
     run = Run(args.run, args.minutes)
     model = Autoencoder(AE_CONFIGS[args.kind])
@@ -154,7 +168,10 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         # after 400 steps). The KL weight is tiny, so this only changes the start, not what is learned.
         with torch.no_grad():
             model.quant_conv.bias[model.config.embed_dim:].fill_(-10.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    # --decoder-only: the encoder and its latent moments stay fixed, so latents encoded before (a U-Net's training
+    # data) stay valid and a U-Net trained on them keeps working with the fine-tuned decoder
+    trainable = decoder_parameters(model) if args.decoder_only else list(model.parameters())
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     step, elapsed, prior = 0, 0.0, None
     if run.state_path.exists():
         st = load_training_state(run.state_path)
@@ -178,7 +195,12 @@ def train_autoencoder(args: argparse.Namespace) -> None:
     while not run.out_of_time() and step < args.total_steps:
         images, _ = make_batch(args.batch, seed=args.seed * 10**7 + step, size=64)
         x = to_tensor(images)
-        out = model(x)
+        if args.decoder_only:
+            with torch.no_grad():
+                z = model.encode(x, sample=False)  # the posterior mean: what a U-Net trains on (prepare_latents)
+            out = AutoencoderOutput(model.decode(z), torch.zeros(()))
+        else:
+            out = model(x)
         rec = out.reconstruction
         weight = foreground_weight(x, args.fg_weight)
         loss = (weight * ((rec - x).abs() + (rec - x).pow(2))).mean() + reg_weight * out.reg_loss
@@ -187,7 +209,7 @@ def train_autoencoder(args: argparse.Namespace) -> None:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         step += 1
         last = run.out_of_time() or step >= args.total_steps
@@ -202,8 +224,17 @@ def train_autoencoder(args: argparse.Namespace) -> None:
             print(f"step {step} loss {loss.item():.4f} val PSNR {val_psnr:.2f} dB ({now:.0f} s)", flush=True)
         if run.due() or last:
             run.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                      "elapsed": elapsed + time.time() - start, "rng": rng_state(),
+                      "elapsed": elapsed + time.time() - start, "rng": rng_state(), "decoder_only": args.decoder_only,
                       **({"prior": prior} if prior else {})})
+
+
+def decoder_parameters(model: Autoencoder) -> list:
+    """The parameters --decoder-only trains (post_quant_conv and the decoder); freezes all the others."""
+    model.requires_grad_(False)
+    parts = [model.post_quant_conv, model.decoder]
+    for part in parts:
+        part.requires_grad_(True)
+    return [p for part in parts for p in part.parameters()]
 
 
 def autoencoder_weights(source: Path) -> dict:
@@ -223,7 +254,7 @@ def autoencoder_history(source: Path) -> dict:
     from (None when it started from scratch)."""
     if source.name != "state.pt":
         history = model_history(source)
-        return {"source": str(source), "prior": None,
+        return {"source": str(source), "prior": None, "decoder_only": False,
                 **{k: history[k] for k in ("commands", "autoencoder_steps", "autoencoder_minutes")}}
     st = load_training_state(source)
     prior = st.get("prior")
@@ -231,6 +262,7 @@ def autoencoder_history(source: Path) -> dict:
     log = source.parent / "commands.txt"
     commands = "\n".join(c for c in (before["commands"], log.read_text() if log.exists() else "") if c.strip())
     return {"source": str(source.parent), "commands": commands, "prior": prior,
+            "decoder_only": st.get("decoder_only", False),
             "autoencoder_steps": before["autoencoder_steps"] + st["step"],
             "autoencoder_minutes": before["autoencoder_minutes"] + st["elapsed"] / 60}
 
@@ -476,34 +508,64 @@ def plot_curve(log_csv: Path, column: str, png: Path, title: str) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
-    """Write the EMA U-Net, the autoencoder and MiniLM as a pipeline folder in our format, then its model card."""
+    """Write the EMA U-Net, the autoencoder and MiniLM as a pipeline folder in our format, then its model card.
+    --unet may also be a model folder (shapes-64), whose U-Net is exported unchanged: for an autoencoder whose
+    decoder alone was fine-tuned (--decoder-only), the latents that U-Net was trained on are the same."""
     ae = load_autoencoder(args.ae)
-    st = load_training_state(Path(args.unet) / "state.pt")
-    history = training_history(args, st)  # read before the folder is written: --ae may be the --out folder itself
-    model = UNetModel(UNET_CONFIG)
-    ema = EMA(model)
-    ema.load_state_dict(st["ema"])
-    ema.copy_to(model)
+    unet_source = training_source("--unet", args.unet)
+    st = load_training_state(unet_source) if unet_source.name == "state.pt" else None
+    history = training_history(args, st)  # read before the folder is written: --ae or --unet may be the --out folder
+    if st is None:
+        model = load_component(unet_source, "unet")
+        ae = with_latents_of(ae, load_component(unet_source, "vae"), f"--ae {args.ae}", unet_source)
+    else:
+        model = UNetModel(UNET_CONFIG)
+        ema = EMA(model)
+        ema.load_state_dict(st["ema"])
+        ema.copy_to(model)
     text = HFTextEncoder.minilm(max_length=TEXT_MAX_LENGTH)
     save_pipeline(model.eval(), ae, text, DIFFUSION, args.out)
     out = Path(args.out)
-    plot_curve(Path(args.unet) / "log.csv", "loss", out / "unet_loss.png", "U-Net training loss (v-prediction MSE)"
-               + (f", after {history['prior_unet_steps']} steps in earlier runs" if history["prior_unet_steps"] else ""))
-    if history["ae_curve"] is None:
-        earlier = f", after {history['prior_ae_steps']} steps in earlier runs" if history["prior_ae_steps"] else ""
-        plot_curve(Path(args.ae) / "log.csv", "loss", out / "autoencoder_loss.png",
-                   "autoencoder loss (L1 + MSE)" + earlier)
-    else:
-        (out / "autoencoder_loss.png").write_bytes(history["ae_curve"])
-    print(f"wrote {args.out} (U-Net step {st['step']}, {st['elapsed'] / 60:.0f} min)", flush=True)
+    for part, run_folder, title, earlier in (
+            ("unet", args.unet, "U-Net training loss (v-prediction MSE)", history["prior_unet_steps"]),
+            ("autoencoder", args.ae, "autoencoder loss (L1 + MSE)", history["prior_ae_steps"])):
+        curve = history[f"{part}_curve"]
+        if curve is None and not (Path(run_folder) / "log.csv").exists():
+            continue  # a model folder shipped without its curve
+        if curve is None:
+            plot_curve(Path(run_folder) / "log.csv", "loss", out / f"{part}_loss.png",
+                       title + (f", after {earlier} steps in earlier runs" if earlier else ""))
+        else:
+            (out / f"{part}_loss.png").write_bytes(curve)
+    print(f"wrote {args.out} (U-Net {history['unet_steps']} steps, {history['unet_minutes']:.0f} min)", flush=True)
     if not args.no_card:
         write_model_card(args, history)
 
 
-def training_history(args: argparse.Namespace, unet_state: dict) -> dict:
+def with_latents_of(ae: Autoencoder, reference: Autoencoder, flag: str, folder: Path) -> Autoencoder:
+    """ae with the latent scale of reference, the autoencoder of a model folder whose U-Net is exported unchanged;
+    refused unless the two encode alike (same encoder, moments and codebook): that U-Net needs its latents."""
+    ours, theirs = dict(ae.named_parameters()), dict(reference.named_parameters())
+    encoding = [k for k in theirs if not k.startswith(("decoder.", "post_quant_conv."))]
+    if ae.config.kind != reference.config.kind or any(not torch.equal(ours[k], theirs[k]) for k in encoding):
+        raise SystemExit(f"{flag}: it does not encode like the autoencoder of {folder}, whose U-Net is exported "
+                         f"unchanged (train it with --decoder-only --init-from {folder.name})")
+    config = AutoencoderConfig.from_dict({**ae.config.to_dict(), "scaling_factor": reference.config.scaling_factor,
+                                          "shift_factor": reference.config.shift_factor})
+    scaled = Autoencoder(config)
+    scaled.load_state_dict(ae.state_dict())
+    return scaled.eval()
+
+
+def _curve(folder: Path, name: str) -> bytes | None:
+    png = folder / name
+    return png.read_bytes() if png.exists() else None
+
+
+def training_history(args: argparse.Namespace, unet_state: dict | None) -> dict:
     """Steps, minutes and commands behind both parts, including the training of a model folder that the
-    autoencoder is (--ae shapes-64) or that the U-Net run started from (--init-from shapes-64)."""
-    prior = unet_state.get("prior") or {}
+    autoencoder is (--ae shapes-64), that the U-Net run started from (--init-from shapes-64), or whose U-Net is
+    exported unchanged (unet_state None: --unet is a model folder)."""
     ae_source = training_source("--ae", args.ae)
     if ae_source.name == "state.pt":
         ae = autoencoder_history(ae_source)
@@ -514,27 +576,43 @@ def training_history(args: argparse.Namespace, unet_state: dict) -> dict:
         ae_note = (f" Started from the autoencoder of {Path(ae_prior['source']).name} ({ae_prior_steps} steps), "
                    f"then {ae_steps - ae_prior_steps} steps in this run; the totals count both."
                    if ae_prior_steps else "")
+        if ae["decoder_only"]:
+            ae_note += (" This run trained the decoder only (`--decoder-only`, on posterior means, L1 + MSE "
+                        "without the regularizer): the encoder, and so the latents, are those it started from.")
     else:
         shipped = model_history(ae_source)
         ae_steps, ae_minutes = shipped["autoencoder_steps"], shipped["autoencoder_minutes"]
-        curve = ae_source / "autoencoder_loss.png"
-        ae_curve = curve.read_bytes() if curve.exists() else None
+        ae_curve = _curve(ae_source, "autoencoder_loss.png")
         ae_commands, ae_prior_steps, ae_note = shipped["commands"], 0, ""
-    unet_commands = (Path(args.unet) / "commands.txt").read_text()
+    if unet_state is None:
+        unet_source = training_source("--unet", args.unet)
+        shipped = model_history(unet_source)
+        prior, unet_commands = {}, shipped["commands"]
+        unet_steps, unet_minutes, unet_data = shipped["unet_steps"], shipped["unet_minutes"], shipped["unet_data"]
+        unet_curve = _curve(unet_source, "unet_loss.png")
+        note = (f"\n  The U-Net of {unet_source.name}, exported unchanged (`--unet {args.unet}`); its training is "
+                "counted above.")
+    else:
+        prior = unet_state.get("prior") or {}
+        unet_commands = (Path(args.unet) / "commands.txt").read_text()
+        unet_steps = prior.get("unet_steps", 0) + unet_state["step"]
+        unet_minutes = prior.get("unet_minutes", 0) + unet_state["elapsed"] / 60
+        text_cache = load_training_state(Path(args.unet) / "text.pt")
+        unet_data = [len(text_cache["caption_ids"]), len(text_cache["embeddings"]) - 1]
+        unet_curve = None
+        note = ""
+        if prior:
+            note = (f"\n  Started from the U-Net of {Path(prior['source']).name} ({prior['unet_steps']} steps, "
+                    f"{prior['unet_minutes']:.0f} min), then {unet_state['step']} steps, "
+                    f"{unet_state['elapsed'] / 60:.0f} min in this run; the totals above count both.")
     # one line per invocation, in order; a model folder that both parts started from lists its commands once
     lines = [line.strip() for part in (prior.get("commands", ""), ae_commands, unet_commands)
              for line in part.splitlines() if line.strip()]
     commands = "\n".join(dict.fromkeys(lines))
-    note = ""
-    if prior:
-        note = (f"\n  Started from the U-Net of {Path(prior['source']).name} ({prior['unet_steps']} steps, "
-                f"{prior['unet_minutes']:.0f} min), then {unet_state['step']} steps, "
-                f"{unet_state['elapsed'] / 60:.0f} min in this run; the totals above count both.")
-    return {"ae_steps": ae_steps, "ae_minutes": ae_minutes, "ae_curve": ae_curve, "commands": commands,
-            "prior_ae_steps": ae_prior_steps, "ae_note": ae_note,
-            "unet_steps": prior.get("unet_steps", 0) + unet_state["step"],
-            "unet_minutes": prior.get("unet_minutes", 0) + unet_state["elapsed"] / 60,
-            "prior_unet_steps": prior.get("unet_steps", 0), "unet_note": note}
+    return {"ae_steps": ae_steps, "ae_minutes": ae_minutes, "autoencoder_curve": ae_curve, "commands": commands,
+            "prior_ae_steps": ae_prior_steps, "ae_note": ae_note, "unet_steps": unet_steps,
+            "unet_minutes": unet_minutes, "unet_curve": unet_curve, "unet_data": unet_data,
+            "prior_unet_steps": prior.get("unet_steps", 0), "unet_note": note, "unet_unchanged": unet_state is None}
 
 
 def _seconds_per_call(fn, repeats: int) -> float:
@@ -575,10 +653,10 @@ def write_model_card(args: argparse.Namespace, history: dict) -> None:
                "seconds_batch_1": round(one, 4), "images_per_second_batch_32": round(32 / many, 1),
                "autoencoder_steps": history["ae_steps"], "autoencoder_minutes": round(history["ae_minutes"], 1),
                "unet_steps": history["unet_steps"], "unet_minutes": round(history["unet_minutes"], 1),
+               "unet_scenes": history["unet_data"][0], "unet_captions": history["unet_data"][1],
                "hardware": hardware()}
     (out / "benchmark.json").write_text(json.dumps(figures, indent=1) + "\n")
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
-    text_cache = load_training_state(Path(args.unet) / "text.pt")
     ae_params = sum(p.numel() for p in pipe.vae.parameters())
     kind = AE_CARD[pipe.vae.config.kind]
     card = MODEL_CARD.format(
@@ -586,10 +664,11 @@ def write_model_card(args: argparse.Namespace, history: dict) -> None:
         ae_minutes=history["ae_minutes"], unet_steps=history["unet_steps"], unet_minutes=history["unet_minutes"],
         unet_params=unet_params / 1e6, ae_params=ae_params / 1e6, hardware=hardware(), commands=history["commands"],
         unet_config=json.dumps(pipe.unet.config.to_dict()), ae_config=json.dumps(pipe.vae.config.to_dict()),
-        scale=pipe.vae.config.scaling_factor, per_task=args.per_task, num_images=len(text_cache["caption_ids"]),
-        num_captions=len(text_cache["embeddings"]) - 1, out=args.out, ae=args.ae, unet=args.unet, name=out.name,
+        scale=pipe.vae.config.scaling_factor, per_task=args.per_task, num_images=history["unet_data"][0],
+        num_captions=history["unet_data"][1], out=args.out, ae=args.ae, unet=args.unet, name=out.name,
         status=status_line(figures), ae_note=history["ae_note"],
-        **{**kind, "unet_note": kind["unet_note"] + history["unet_note"]})
+        **{**kind, "unet_note": history["unet_note"] if history["unet_unchanged"] else
+           kind["unet_note"] + history["unet_note"]})
     (out / "MODEL_CARD.md").write_text(card)
     print(card)
 
@@ -695,6 +774,8 @@ def main(argv=None) -> None:
                     "model folder (shapes-64) of the same --kind: its weights, a fresh optimizer and schedule")
     ae.add_argument("--init-from-kl", metavar="RUN", help="start a --kind vq run from a trained KL run (folded "
                     "encoder, k-means codebook)")
+    ae.add_argument("--decoder-only", action="store_true", help="with --init-from: train only the decoder (and "
+                    "post_quant_conv), so the latents, and a U-Net trained on them, stay valid")
     ae.set_defaults(func=train_autoencoder)
     un = sub.add_parser("unet")
     un.add_argument("--run", required=True)

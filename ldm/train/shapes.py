@@ -151,13 +151,14 @@ def train_autoencoder(args: argparse.Namespace) -> None:
             raise SystemExit(f"--init-from {args.init_from}: not a {args.kind.upper()} autoencoder "
                              "(pass --kind to match)")
     resumed = Path(args.run) / "state.pt"
-    if resumed.exists() and load_training_state(resumed).get("decoder_only", False) != args.decoder_only:
+    st = load_training_state(resumed) if resumed.exists() else None  # read once: checked here, resumed below
+    if st is not None and st.get("decoder_only", False) != args.decoder_only:
         raise SystemExit(f"{args.run} was trained with{'out' if args.decoder_only else ''} --decoder-only; resume it "
                          "the same way")
     if args.decoder_only and args.init_from_kl is not None:
         raise SystemExit("--decoder-only fine-tunes a trained autoencoder; --init-from-kl makes a new one: train it "
                          "first, then start a --decoder-only run --init-from it")
-    if args.decoder_only and same is None and not resumed.exists():
+    if args.decoder_only and same is None and st is None:
         raise SystemExit("--decoder-only fine-tunes the decoder of a trained autoencoder: pass --init-from")
     torch.manual_seed(args.seed)
     run = Run(args.run, args.minutes)
@@ -173,8 +174,7 @@ def train_autoencoder(args: argparse.Namespace) -> None:
     trainable = decoder_parameters(model) if args.decoder_only else list(model.parameters())
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     step, elapsed, prior = 0, 0.0, None
-    if run.state_path.exists():
-        st = load_training_state(run.state_path)
+    if st is not None:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, elapsed, prior = st["step"], st["elapsed"], st.get("prior")
@@ -341,9 +341,13 @@ def load_autoencoder(folder: str) -> Autoencoder:
     images, _ = make_batch(512, seed=2 * 10**6, size=64)
     with torch.no_grad():
         z = model.encode(to_tensor(images), sample=False)
-    config = AutoencoderConfig.from_dict({**model.config.to_dict(), "scaling_factor": round(1 / z.std().item(), 5)})
-    scaled = Autoencoder(config)
-    scaled.load_state_dict(model.state_dict())
+    return rescaled(model, scaling_factor=round(1 / z.std().item(), 5))
+
+
+def rescaled(ae: Autoencoder, **latent_scale) -> Autoencoder:
+    """A copy of ae (eval mode) with another scaling_factor / shift_factor: same weights, other latent units."""
+    scaled = Autoencoder(AutoencoderConfig.from_dict({**ae.config.to_dict(), **latent_scale}))
+    scaled.load_state_dict(ae.state_dict())
     return scaled.eval()
 
 
@@ -550,11 +554,7 @@ def with_latents_of(ae: Autoencoder, reference: Autoencoder, flag: str, folder: 
     if ae.config.kind != reference.config.kind or any(not torch.equal(ours[k], theirs[k]) for k in encoding):
         raise SystemExit(f"{flag}: it does not encode like the autoencoder of {folder}, whose U-Net is exported "
                          f"unchanged (train it with --decoder-only --init-from {folder.name})")
-    config = AutoencoderConfig.from_dict({**ae.config.to_dict(), "scaling_factor": reference.config.scaling_factor,
-                                          "shift_factor": reference.config.shift_factor})
-    scaled = Autoencoder(config)
-    scaled.load_state_dict(ae.state_dict())
-    return scaled.eval()
+    return rescaled(ae, scaling_factor=reference.config.scaling_factor, shift_factor=reference.config.shift_factor)
 
 
 def _curve(folder: Path, name: str) -> bytes | None:

@@ -268,3 +268,25 @@ def test_training_history_of_a_unet_exported_unchanged_from_a_model_folder(tmp_p
     assert "decoder only" in history["ae_note"] and "exported unchanged" in history["unet_note"]
     assert history["commands"].splitlines() == ["01:53  autoencoder --run runs/ae", "02:36  unet --run runs/unet",
                                                 "11:25  autoencoder --init-from shapes-64 --decoder-only"]
+
+
+def test_binding_examples_are_exactly_the_two_object_and_scenes():
+    from ldm.data.shapes import example
+    from ldm.train.shapes import binding_examples
+    found = set(binding_examples(400, seed=3).tolist())
+    assert 10 < len(found) < 60  # about 7% of the stream
+    for i in range(400):
+        scene, text = example(3, i)
+        a = scene.objects
+        two_distinct = len(a) == 2 and a[0].color != a[1].color and a[0].shape != a[1].shape
+        assert (i in found) == (two_distinct and " and " in text), (i, text)
+        if i in found:  # the caption names no relation
+            assert not any(r in text for r in (" above ", " below ", " left of ", " right of ", " under "))
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1", "1.5"])
+def test_and_share_must_be_a_fraction_below_one(tmp_path, value):
+    from ldm.train.shapes import main
+    with pytest.raises(SystemExit, match="--and-share must be in"):
+        main(["unet", "--ae", "shapes-64", "--run", str(tmp_path / "run"), "--and-share", value])
+    assert not (tmp_path / "run").exists()

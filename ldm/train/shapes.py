@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import PIPELINE_FILE, load_component, resolve, save_pipeline
-from ..data.shapes import make_batch
+from ..data.shapes import example, make_batch
 from ..diffusion import Denoiser, UniformSampler, training_losses
 from ..diffusion.config import DiffusionConfig
 from ..nn.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderOutput
@@ -398,7 +398,21 @@ def prepare_latents(args: argparse.Namespace, folder: Path, ae: Autoencoder) -> 
     return data
 
 
+def binding_examples(num_images: int, seed: int) -> torch.Tensor:
+    """Indices of the stream's scenes that teach attribute binding without a spatial cue: two objects differing
+    in both color and shape, captioned "X and Y" (no relation word); about 7% of the stream."""
+    found = []
+    for i in range(num_images):
+        scene, text = example(seed, i)
+        a = scene.objects
+        if len(a) == 2 and a[0].color != a[1].color and a[0].shape != a[1].shape and " and " in text:
+            found.append(i)
+    return torch.tensor(found, dtype=torch.long)
+
+
 def train_unet(args: argparse.Namespace) -> None:
+    if not 0 <= args.and_share < 1:
+        raise SystemExit(f"--and-share must be in [0, 1); got {args.and_share}")
     init = training_source("--init-from", args.init_from) if args.init_from is not None else None
     ae = load_autoencoder(args.ae)
     torch.manual_seed(args.seed)
@@ -433,10 +447,19 @@ def train_unet(args: argparse.Namespace) -> None:
         ema = EMA(model, args.ema)
         print(f"initialized from the (EMA) weights of {args.init_from}", flush=True)
     n = len(data["latents"])
+    k = round(args.and_share * args.batch)
+    pairs = binding_examples(n, args.seed) if k else None
+    if k and not len(pairs):
+        raise SystemExit(f"--and-share: none of the run's {n} scenes is two objects joined by 'and'; use more "
+                         "--num-images")
+    if k:
+        print(f"{k} of every {args.batch} scenes from the {len(pairs)} two-object 'and' scenes", flush=True)
     start = time.time()
     model.train()
     while not run.out_of_time():
         idx = torch.randint(0, n, (args.batch,))
+        if k:
+            idx[:k] = pairs[torch.randint(0, len(pairs), (k,))]
         z0 = data["latents"][idx]
         cap = data["caption_ids"][idx]
         drop = torch.rand(args.batch) < args.cfg_dropout
@@ -788,6 +811,8 @@ def main(argv=None) -> None:
                     "this many steps; default: constant")
     un.add_argument("--cfg-dropout", type=float, default=0.1)
     un.add_argument("--num-images", type=int, default=30_000)
+    un.add_argument("--and-share", type=float, default=0.0, help="draw this fraction of each batch from the "
+                    "two-object scenes captioned 'X and Y' (distinct colors and shapes; ~7%% of the stream)")
     un.add_argument("--seed", type=int, default=0)
     un.add_argument("--init-from", metavar="RUN", help="start a new run from the EMA weights of another U-Net run, "
                     "or from the U-Net of a model folder (e.g. shapes-64)")

@@ -448,11 +448,11 @@ def train_unet(args: argparse.Namespace) -> None:
         print(f"initialized from the (EMA) weights of {args.init_from}", flush=True)
     n = len(data["latents"])
     k = round(args.and_share * args.batch)
-    pairs = binding_examples(n, args.seed) if k else None
-    if k and not len(pairs):
-        raise SystemExit(f"--and-share: none of the run's {n} scenes is two objects joined by 'and'; use more "
-                         "--num-images")
     if k:
+        pairs = binding_examples(n, args.seed)
+        if not len(pairs):
+            raise SystemExit(f"--and-share: none of the run's {n} scenes is two objects joined by 'and'; use more "
+                             "--num-images")
         print(f"{k} of every {args.batch} scenes from the {len(pairs)} two-object 'and' scenes", flush=True)
     start = time.time()
     model.train()

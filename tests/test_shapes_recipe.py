@@ -290,3 +290,21 @@ def test_and_share_must_be_a_fraction_below_one(tmp_path, value):
     with pytest.raises(SystemExit, match="--and-share must be in"):
         main(["unet", "--ae", "shapes-64", "--run", str(tmp_path / "run"), "--and-share", value])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "2,0", "1,2,3", "deep", ""])
+def test_transformer_depth_is_checked_before_writing(tmp_path, value):
+    from ldm.train.shapes import main
+    with pytest.raises(SystemExit, match="--transformer-depth"):
+        main(["unet", "--ae", "shapes-64", "--run", str(tmp_path / "run"), "--transformer-depth", value])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_records_its_unet_config():
+    from ldm.train.shapes import UNET_CONFIG, unet_config, unet_config_of
+    assert unet_config(None) == UNET_CONFIG
+    assert unet_config("2").transformer_depth == 2
+    deeper = unet_config("1,2")
+    assert deeper.transformer_depth == (1, 2) and deeper.model_channels == UNET_CONFIG.model_channels
+    assert unet_config_of({"unet_config": deeper.to_dict()}) == deeper
+    assert unet_config_of({}) == UNET_CONFIG  # runs saved before the config was recorded

@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from ldm.nn.unet import UNetConfig, UNetModel
+from ldm.nn.unet import UNetConfig, UNetModel, load_shallower
 from ldm.nn.unet_diffusers import (config_from_diffusers, config_to_diffusers, state_dict_from_diffusers,
                                    state_dict_to_diffusers)
 
@@ -101,6 +101,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(x, t, ctx).square().mean().backward()
     for a, p in zip(plain, model.parameters()):
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("depth,new", [(2, 7), ((1, 3), 8)])
+def test_load_shallower_adds_blocks_that_start_as_the_identity(depth, new):
+    c = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+                   num_heads=2, context_dim=16, num_groups=8)
+    source = randomized(UNetModel(c))  # every weight random, so a block left non-zero would change the output
+    deeper = randomized(UNetModel(UNetConfig.from_dict({**c.to_dict(), "transformer_depth": depth})), seed=1)
+    grown = load_shallower(deeper, source.state_dict())
+    assert len(grown) == new and all(name.endswith(("transformer_blocks.1", "transformer_blocks.2")) for name in grown)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(deeper(x, t, ctx), source(x, t, ctx))
+    deeper.train()
+    deeper(x, t, ctx).square().mean().backward()  # the new blocks learn: their zeroed outputs get a gradient
+    assert dict(deeper.named_parameters())[grown[0] + ".attn2.to_out.0.weight"].grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="more than transformer depth"):
+        load_shallower(UNetModel(UNetConfig.from_dict({**c.to_dict(), "num_res_blocks": 2})), source.state_dict())
 
 
 @pytest.mark.parametrize("call,words", [

@@ -207,3 +207,34 @@ class UNetModel(nn.Module):
             size = tuple(skips[-1].shape[-2:]) if skips else None
             h = self._run(block, h, emb, context, context_mask, size)
         return self.out(h)
+
+
+def load_shallower(model: UNetModel, state_dict: dict[str, Tensor]) -> list[str]:
+    """Load the weights of a U-Net whose transformers have fewer blocks into `model` (same config otherwise), and
+    start each block the source lacks as the identity: the outputs of its self-attention, cross-attention and
+    feed-forward are zeroed, so every block is x + 0 and the deeper model computes exactly what the source did
+    (function-preserving growth, as in Net2Net and ControlNet's zero layers). Returns the names of the new blocks.
+    Any other mismatch (a missing ResBlock, a different width) is an error naming the parameters."""
+    own = model.state_dict()
+    unexpected = sorted(set(state_dict) - set(own))
+    missing = sorted(set(own) - set(state_dict))
+    new_blocks = sorted({k.split(".transformer_blocks.")[0] + ".transformer_blocks." +
+                         k.split(".transformer_blocks.")[1].split(".")[0] for k in missing
+                         if ".transformer_blocks." in k})
+    other = [k for k in missing if not any(k.startswith(b + ".") for b in new_blocks)]
+    if unexpected or other:
+        raise ValueError("load_shallower: the source differs in more than transformer depth; "
+                         f"unexpected {unexpected[:5]}, missing {other[:5]} (of {len(unexpected)} / {len(other)})")
+    for k, v in state_dict.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"load_shallower: {k} has shape {tuple(v.shape)} in the source, "
+                             f"{tuple(own[k].shape)} here")
+    model.load_state_dict(state_dict, strict=False)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in new_blocks:
+            block = modules[name]
+            for out in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[-1]):
+                out.weight.zero_()
+                out.bias.zero_()
+    return new_blocks

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import platform
@@ -18,6 +19,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from ..data.shapes import example, make_batch
 from ..diffusion import Denoiser, UniformSampler, training_losses
 from ..diffusion.config import DiffusionConfig
 from ..nn.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderOutput
-from ..nn.unet import UNetConfig, UNetModel
+from ..nn.unet import UNetConfig, UNetModel, load_shallower
 from ..text import HFTextEncoder
 from .ema import EMA
 from .state import load_training_state, rng_state, save_training_state, set_rng_state
@@ -398,6 +400,25 @@ def prepare_latents(args: argparse.Namespace, folder: Path, ae: Autoencoder) -> 
     return data
 
 
+def unet_config(transformer_depth: Optional[str] = None) -> UNetConfig:
+    """The recipe's U-Net (UNET_CONFIG), with --transformer-depth ("2", or one per level: "1,2") if given."""
+    if transformer_depth is None:
+        return UNET_CONFIG
+    try:
+        depth = tuple(int(d) for d in transformer_depth.split(","))
+    except ValueError:
+        depth = ()
+    if not depth or min(depth) < 1 or len(depth) not in (1, len(UNET_CONFIG.channel_mult)):
+        raise SystemExit(f"--transformer-depth: expected a positive integer or {len(UNET_CONFIG.channel_mult)} "
+                         f"comma-separated ones (one per level); got {transformer_depth!r}")
+    return dataclasses.replace(UNET_CONFIG, transformer_depth=depth[0] if len(depth) == 1 else depth)
+
+
+def unet_config_of(state: dict) -> UNetConfig:
+    """The U-Net config a run's state.pt was trained with (runs saved before it was recorded used UNET_CONFIG)."""
+    return UNetConfig.from_dict(state["unet_config"]) if "unet_config" in state else UNET_CONFIG
+
+
 def binding_examples(num_images: int, seed: int) -> torch.Tensor:
     """Indices of the stream's scenes that teach attribute binding without a spatial cue: two objects differing
     in both color and shape, captioned "X and Y" (no relation word); about 7% of the stream."""
@@ -413,6 +434,7 @@ def binding_examples(num_images: int, seed: int) -> torch.Tensor:
 def train_unet(args: argparse.Namespace) -> None:
     if not 0 <= args.and_share < 1:
         raise SystemExit(f"--and-share must be in [0, 1); got {args.and_share}")
+    config = unet_config(args.transformer_depth)  # checked before anything is written
     init = training_source("--init-from", args.init_from) if args.init_from is not None else None
     ae = load_autoencoder(args.ae)
     torch.manual_seed(args.seed)
@@ -421,15 +443,21 @@ def train_unet(args: argparse.Namespace) -> None:
     if args.reencode and (run.folder / "data.pt").exists():
         (run.folder / "data.pt").unlink()  # the autoencoder has changed: encode the scenes again
     data = {**prepare_text(args, run.folder, text), **prepare_latents(args, run.folder, ae)}
-    model = UNetModel(UNET_CONFIG)
+    st = load_training_state(run.state_path) if run.state_path.exists() else None
+    if st is not None:
+        saved = unet_config_of(st)
+        if args.transformer_depth is not None and saved != config:
+            raise SystemExit(f"--transformer-depth {args.transformer_depth}: {args.run} was trained with "
+                             f"transformer_depth {saved.transformer_depth}; a run keeps its architecture")
+        config = saved
+    model = UNetModel(config)
     schedule = DIFFUSION.build_schedule()
     denoiser = Denoiser(model, schedule, DIFFUSION.prediction_type)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     ema = EMA(model, args.ema)
     sampler = UniformSampler(schedule.num_timesteps)
     step, elapsed, prior = 0, 0.0, None
-    if run.state_path.exists():
-        st = load_training_state(run.state_path)
+    if st is not None:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         ema.load_state_dict(st["ema"])
@@ -438,12 +466,20 @@ def train_unet(args: argparse.Namespace) -> None:
         print(f"resumed at step {step}", flush=True)
     elif init is not None:
         if init.name == "state.pt":
-            source = EMA(model)
-            source.load_state_dict(load_training_state(init)["ema"])
-            source.copy_to(model)
+            source_state = load_training_state(init)
+            source = UNetModel(unet_config_of(source_state))
+            averaged = EMA(source)
+            averaged.load_state_dict(source_state["ema"])
+            averaged.copy_to(source)
         else:
-            model.load_state_dict(load_component(init, "unet").state_dict())
+            source = load_component(init, "unet")
             prior = model_history(init)
+        if source.config == config:
+            model.load_state_dict(source.state_dict())
+        else:
+            grown = load_shallower(model, source.state_dict())
+            print(f"grown from transformer_depth {source.config.transformer_depth} to {config.transformer_depth}: "
+                  f"{len(grown)} new transformer blocks start as the identity", flush=True)
         ema = EMA(model, args.ema)
         print(f"initialized from the (EMA) weights of {args.init_from}", flush=True)
     n = len(data["latents"])
@@ -483,6 +519,7 @@ def train_unet(args: argparse.Namespace) -> None:
             print(f"step {step} loss {loss.item():.4f} ({now:.0f} s)", flush=True)
         if run.due() or run.out_of_time():
             run.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step,
+                      "unet_config": config.to_dict(),
                       "elapsed": elapsed + time.time() - start, "rng": rng_state(),
                       **({"prior": prior} if prior else {})})
 
@@ -546,7 +583,7 @@ def export(args: argparse.Namespace) -> None:
         model = load_component(unet_source, "unet")
         ae = with_latents_of(ae, load_component(unet_source, "vae"), f"--ae {args.ae}", unet_source)
     else:
-        model = UNetModel(UNET_CONFIG)
+        model = UNetModel(unet_config_of(st))
         ema = EMA(model)
         ema.load_state_dict(st["ema"])
         ema.copy_to(model)
@@ -814,6 +851,9 @@ def main(argv=None) -> None:
     un.add_argument("--and-share", type=float, default=0.0, help="draw this fraction of each batch from the "
                     "two-object scenes captioned 'X and Y' (distinct colors and shapes; ~7%% of the stream)")
     un.add_argument("--seed", type=int, default=0)
+    un.add_argument("--transformer-depth", metavar="D", help="transformer blocks per attention layer: one number or "
+                    "one per level (\"1,2\"); with --init-from a shallower U-Net, the new blocks start as the "
+                    "identity (load_shallower)")
     un.add_argument("--init-from", metavar="RUN", help="start a new run from the EMA weights of another U-Net run, "
                     "or from the U-Net of a model folder (e.g. shapes-64)")
     un.add_argument("--reencode", action="store_true", help="encode the run's scenes again with --ae (after the "

@@ -119,6 +119,9 @@ def test_load_shallower_adds_blocks_that_start_as_the_identity(depth, new):
     assert dict(deeper.named_parameters())[grown[0] + ".attn2.to_out.0.weight"].grad.abs().sum() > 0
     with pytest.raises(ValueError, match="more than transformer depth"):
         load_shallower(UNetModel(UNetConfig.from_dict({**c.to_dict(), "num_res_blocks": 2})), source.state_dict())
+    partial = {k: v for k, v in source.state_dict().items() if not k.endswith("transformer_blocks.0.attn2.to_k.weight")}
+    with pytest.raises(ValueError, match="attn2.to_k"):  # a block the source has in part is not a new block
+        load_shallower(deeper, partial)
 
 
 @pytest.mark.parametrize("call,words", [

@@ -6,6 +6,7 @@ Module names follow the original SD checkpoints (`model.diffusion_model.*`), so 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -218,10 +219,10 @@ def load_shallower(model: UNetModel, state_dict: dict[str, Tensor]) -> list[str]
     own = model.state_dict()
     unexpected = sorted(set(state_dict) - set(own))
     missing = sorted(set(own) - set(state_dict))
-    new_blocks = sorted({k.split(".transformer_blocks.")[0] + ".transformer_blocks." +
-                         k.split(".transformer_blocks.")[1].split(".")[0] for k in missing
-                         if ".transformer_blocks." in k})
-    other = [k for k in missing if not any(k.startswith(b + ".") for b in new_blocks)]
+    block_of = {k: m[1] for k in own if (m := re.match(r"(.+\.transformer_blocks\.\d+)\.", k))}
+    present = {block_of[k] for k in state_dict if k in block_of}
+    new_blocks = sorted({block_of[k] for k in missing if k in block_of} - present)  # blocks the source has none of
+    other = [k for k in missing if block_of.get(k) not in new_blocks]
     if unexpected or other:
         raise ValueError("load_shallower: the source differs in more than transformer depth; "
                          f"unexpected {unexpected[:5]}, missing {other[:5]} (of {len(unexpected)} / {len(other)})")

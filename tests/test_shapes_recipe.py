@@ -1,6 +1,7 @@
 """The shapes-64 recipe's pieces that are not exercised by training itself: the VQ-from-KL start (an exact
 fold of the KL encoder's mean path) and the k-means that seeds its codebook."""
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -205,10 +206,40 @@ def test_decoder_only_run_keeps_the_encoder_and_its_latents(tmp_path):
         main(["autoencoder", "--run", str(tmp_path / "dec"), "--total-steps", "3", "--batch", "2"])
     with pytest.raises(SystemExit, match="trained without --decoder-only; resume it the same way"):
         main(["autoencoder", "--run", str(tmp_path / "ae"), "--decoder-only", "--total-steps", "3", "--batch", "2"])
-    with pytest.raises(SystemExit, match="--init-from-kl makes a new one"):
-        main(["autoencoder", "--kind", "vq", "--run", str(tmp_path / "vq"), "--decoder-only", "--init-from-kl",
-              str(tmp_path / "ae")])
-    assert (tmp_path / "dec" / "commands.txt").read_text() == commands and not (tmp_path / "vq").exists()
+    assert (tmp_path / "dec" / "commands.txt").read_text() == commands
+
+
+def test_vq_decoder_only_from_kl_keeps_the_kl_latents(tmp_path, monkeypatch):
+    """--kind vq --decoder-only --init-from-kl: the encoder is the KL mean path folded and frozen, the codebook the
+    k-means one; only the decoder trains. So the pre-quantization latents stay the KL posterior means, and the KL
+    model's U-Net can be exported with it unchanged (with_latents_of accepts it; a perturbed encoder is refused)."""
+    from ldm.train import shapes
+    from ldm.train.shapes import main, with_latents_of
+    from ldm.train.state import load_training_state
+    monkeypatch.setitem(shapes.AE_CONFIGS, "vq", dataclasses.replace(AE_CONFIGS["vq"], n_embed=32))
+    monkeypatch.setattr(shapes, "vq_from_kl", functools.partial(vq_from_kl, num_images=8))  # a fast k-means
+    main(["autoencoder", "--run", str(tmp_path / "ae"), "--total-steps", "1", "--batch", "2"])
+    main(["autoencoder", "--kind", "vq", "--run", str(tmp_path / "vq"), "--decoder-only", "--init-from-kl",
+          str(tmp_path / "ae"), "--total-steps", "2", "--batch", "2"])
+    kl_state = load_training_state(tmp_path / "ae" / "state.pt")["model"]
+    st = load_training_state(tmp_path / "vq" / "state.pt")
+    assert st["decoder_only"] and st["step"] == 2 and st["prior"]["folded_kl"]
+    kl = Autoencoder(AE_CONFIGS["kl"]).eval()
+    kl.load_state_dict(kl_state)
+    start = Autoencoder(shapes.AE_CONFIGS["vq"]).eval()
+    vq_from_kl(start, kl_state, num_images=8)  # the same seed: what the run started from
+    vq = Autoencoder(shapes.AE_CONFIGS["vq"]).eval()
+    vq.load_state_dict(st["model"])
+    trained = [k for k, _ in vq.named_parameters() if k.startswith(("decoder.", "post_quant_conv."))]
+    frozen = [k for k, _ in vq.named_parameters() if k not in trained]
+    assert all(torch.equal(vq.state_dict()[k], start.state_dict()[k]) for k in frozen)
+    assert any(not torch.equal(vq.state_dict()[k], start.state_dict()[k]) for k in trained)
+    out = with_latents_of(vq, kl, "--ae runs/vq", tmp_path / "shapes-64")
+    assert out.config.kind == "vq" and out.config.scaling_factor == kl.config.scaling_factor
+    with torch.no_grad():
+        vq.encoder.conv_in.bias[0].add_(0.05)
+    with pytest.raises(SystemExit, match="--ae runs/vq: it does not encode like"):
+        with_latents_of(vq, kl, "--ae runs/vq", tmp_path / "shapes-64")
 
 
 def test_a_unet_exported_unchanged_needs_an_autoencoder_that_encodes_alike(tmp_path):
@@ -227,7 +258,7 @@ def test_a_unet_exported_unchanged_needs_an_autoencoder_that_encodes_alike(tmp_p
     x = to_tensor(make_batch(2, seed=0, size=64)[0])
     with torch.no_grad():
         assert torch.equal(out.encode(x, sample=False), reference.encode(x, sample=False))
-        tuned.encoder.conv_in.bias.add_(1e-3)
+        tuned.encoder.conv_in.bias[0].add_(0.05)
     with pytest.raises(SystemExit, match="--ae runs/dec: it does not encode like .*--decoder-only --init-from shapes-64"):
         with_latents_of(tuned, reference, "--ae runs/dec", tmp_path / "shapes-64")
 
@@ -268,6 +299,14 @@ def test_training_history_of_a_unet_exported_unchanged_from_a_model_folder(tmp_p
     assert "decoder only" in history["ae_note"] and "exported unchanged" in history["unet_note"]
     assert history["commands"].splitlines() == ["01:53  autoencoder --run runs/ae", "02:36  unet --run runs/unet",
                                                 "11:25  autoencoder --init-from shapes-64 --decoder-only"]
+    # a VQ decoder on the folded KL encoder (--kind vq --init-from-kl --decoder-only) says so
+    save_training_state({"model": {}, "step": 2400, "elapsed": 2400.0, "prior": {**ae_prior, "folded_kl": True},
+                         "decoder_only": True}, tmp_path / "vq" / "state.pt")
+    (tmp_path / "vq" / "commands.txt").write_text("21:00  autoencoder --kind vq --init-from-kl shapes-64 "
+                                                  "--decoder-only\n")
+    folded = training_history(argparse.Namespace(ae=str(tmp_path / "vq"), unet=str(folder)), None)
+    assert folded["ae_folded"] and not history["ae_folded"] and folded["ae_steps"] == 13027
+    assert "folded and frozen" in folded["ae_note"] and "folded" not in history["ae_note"]
 
 
 def test_binding_examples_are_exactly_the_two_object_and_scenes():

@@ -39,7 +39,7 @@ AE_CONFIGS = {
     "kl": AutoencoderConfig(kind="kl", ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=8, embed_dim=8,
                             num_groups=8, resolution=64, scaling_factor=1.0),
     "vq": AutoencoderConfig(kind="vq", ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=8, embed_dim=8,
-                            num_groups=8, resolution=64, scaling_factor=1.0, n_embed=1024, beta=0.25),
+                            num_groups=8, resolution=64, scaling_factor=1.0, n_embed=4096, beta=0.25),
 }
 UNET_CONFIG = UNetConfig(in_channels=8, out_channels=8, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
                          attention_resolutions=(1, 2), num_heads=4, context_dim=384, sample_size=8,
@@ -157,14 +157,12 @@ def train_autoencoder(args: argparse.Namespace) -> None:
     if st is not None and st.get("decoder_only", False) != args.decoder_only:
         raise SystemExit(f"{args.run} was trained with{'out' if args.decoder_only else ''} --decoder-only; resume it "
                          "the same way")
-    if args.decoder_only and args.init_from_kl is not None:
-        raise SystemExit("--decoder-only fine-tunes a trained autoencoder; --init-from-kl makes a new one: train it "
-                         "first, then start a --decoder-only run --init-from it")
-    if args.decoder_only and same is None and st is None:
-        raise SystemExit("--decoder-only fine-tunes the decoder of a trained autoencoder: pass --init-from")
+    if args.decoder_only and same is None and init is None and st is None:
+        raise SystemExit("--decoder-only fine-tunes the decoder of a trained autoencoder: pass --init-from (or "
+                         "--init-from-kl: a VQ decoder on the frozen, folded KL encoder)")
     torch.manual_seed(args.seed)
     run = Run(args.run, args.minutes)
-    model = Autoencoder(AE_CONFIGS[args.kind])
+    model = Autoencoder(autoencoder_config(st["model"]) if st is not None else AE_CONFIGS[args.kind])
     if args.kind == "kl":
         # Start the posterior narrow (std e^-5): at the default init its std is ~1, the sampled latent is mostly
         # noise, and the decoder spends thousands of steps waiting for the log-variance to fall (measured: 18 dB
@@ -187,8 +185,10 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         model.load_state_dict(same_state)
         print(f"initialized from the autoencoder in {args.init_from} ({prior['autoencoder_steps']} steps)", flush=True)
     elif init is not None:
+        prior = {**autoencoder_history(init), "folded_kl": True}
         vq_from_kl(model, autoencoder_weights(init), seed=args.seed)
-        print(f"initialized from the KL autoencoder in {args.init_from_kl}", flush=True)
+        print(f"initialized from the KL autoencoder in {args.init_from_kl} ({prior['autoencoder_steps']} steps)",
+              flush=True)
     reg_weight = args.reg_weight if args.reg_weight is not None else {"kl": 1e-6, "vq": 1.0}[args.kind]
     val_images, _ = make_batch(256, seed=10**6, size=64)
     val = to_tensor(val_images)
@@ -199,7 +199,7 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         x = to_tensor(images)
         if args.decoder_only:
             with torch.no_grad():
-                z = model.encode(x, sample=False)  # the posterior mean: what a U-Net trains on (prepare_latents)
+                z = model.encode(x, sample=False)  # posterior mean (VQ: pre-quantization): what a U-Net trains on
             out = AutoencoderOutput(model.decode(z), torch.zeros(()))
         else:
             out = model(x)
@@ -248,6 +248,15 @@ def autoencoder_weights(source: Path) -> dict:
 def autoencoder_kind(state: dict) -> str:
     """"vq" for the weights of a VQ autoencoder (they hold a codebook), else "kl"."""
     return "vq" if any(k.startswith("quantize.") for k in state) else "kl"
+
+
+def autoencoder_config(state: dict) -> AutoencoderConfig:
+    """The recipe's config for an autoencoder state dict: its kind, and for VQ the codebook size it was trained
+    with (runs from before the codebook grew to 4096 entries had 1024)."""
+    config = AE_CONFIGS[autoencoder_kind(state)]
+    if config.kind == "vq":
+        config = dataclasses.replace(config, n_embed=state["quantize.embedding.weight"].shape[0])
+    return config
 
 
 def autoencoder_history(source: Path) -> dict:
@@ -337,7 +346,7 @@ def load_autoencoder(folder: str) -> Autoencoder:
     if source.name != "state.pt":
         return load_component(source, "vae")
     st = load_training_state(source)
-    model = Autoencoder(AE_CONFIGS[autoencoder_kind(st["model"])])
+    model = Autoencoder(autoencoder_config(st["model"]))
     model.load_state_dict(st["model"])
     model.eval()
     images, _ = make_batch(512, seed=2 * 10**6, size=64)
@@ -608,12 +617,19 @@ def export(args: argparse.Namespace) -> None:
 
 def with_latents_of(ae: Autoencoder, reference: Autoencoder, flag: str, folder: Path) -> Autoencoder:
     """ae with the latent scale of reference, the autoencoder of a model folder whose U-Net is exported unchanged;
-    refused unless the two encode alike (same encoder, moments and codebook): that U-Net needs its latents."""
-    ours, theirs = dict(ae.named_parameters()), dict(reference.named_parameters())
-    encoding = [k for k in theirs if not k.startswith(("decoder.", "post_quant_conv."))]
-    if ae.config.kind != reference.config.kind or any(not torch.equal(ours[k], theirs[k]) for k in encoding):
+    refused unless the two encode alike, since that U-Net needs its latents: the same unscaled latents (posterior
+    means; for VQ the pre-quantization latents) of a fixed batch of scenes, to 1e-4. A decoder-only fine-tune of
+    reference gives them exactly, a VQ autoencoder folded from it and trained decoder-only (--init-from-kl
+    --decoder-only) to float rounding (~1e-5)."""
+    x = to_tensor(make_batch(16, seed=4 * 10**6, size=64)[0])
+    with torch.no_grad():
+        ours, theirs = (rescaled(m, scaling_factor=1.0, shift_factor=None).encode(x, sample=False)
+                        for m in (ae, reference))
+    if not torch.allclose(ours, theirs, rtol=0, atol=1e-4):
         raise SystemExit(f"{flag}: it does not encode like the autoencoder of {folder}, whose U-Net is exported "
-                         f"unchanged (train it with --decoder-only --init-from {folder.name})")
+                         f"unchanged (max latent difference {(ours - theirs).abs().max().item():.2g}; train it with "
+                         f"--decoder-only --init-from {folder.name}, or --kind vq --decoder-only --init-from-kl "
+                         f"{folder.name})")
     return rescaled(ae, scaling_factor=reference.config.scaling_factor, shift_factor=reference.config.shift_factor)
 
 
@@ -632,18 +648,24 @@ def training_history(args: argparse.Namespace, unet_state: dict | None) -> dict:
         ae_steps, ae_minutes, ae_curve, ae_commands = ae["autoencoder_steps"], ae["autoencoder_minutes"], None, \
             ae["commands"]
         ae_prior = ae["prior"] or {"autoencoder_steps": 0}
+        ae_folded = ae["decoder_only"] and ae_prior.get("folded_kl", False)
         ae_prior_steps = ae_prior["autoencoder_steps"]
         ae_note = (f" Started from the autoencoder of {Path(ae_prior['source']).name} ({ae_prior_steps} steps), "
                    f"then {ae_steps - ae_prior_steps} steps in this run; the totals count both."
                    if ae_prior_steps else "")
-        if ae["decoder_only"]:
+        if ae_folded:
+            ae_note += (" This run trained the decoder only (`--decoder-only --init-from-kl`, L1 + MSE on the "
+                        "codebook vectors nearest the latents): the encoder is the KL one's mean path folded and "
+                        "frozen, so the pre-quantization latents are its posterior means, and the codebook is "
+                        "k-means on them.")
+        elif ae["decoder_only"]:
             ae_note += (" This run trained the decoder only (`--decoder-only`, on posterior means, L1 + MSE "
                         "without the regularizer): the encoder, and so the latents, are those it started from.")
     else:
         shipped = model_history(ae_source)
         ae_steps, ae_minutes = shipped["autoencoder_steps"], shipped["autoencoder_minutes"]
         ae_curve = _curve(ae_source, "autoencoder_loss.png")
-        ae_commands, ae_prior_steps, ae_note = shipped["commands"], 0, ""
+        ae_commands, ae_prior_steps, ae_note, ae_folded = shipped["commands"], 0, "", False
     if unet_state is None:
         unet_source = training_source("--unet", args.unet)
         shipped = model_history(unet_source)
@@ -670,7 +692,7 @@ def training_history(args: argparse.Namespace, unet_state: dict | None) -> dict:
              for line in part.splitlines() if line.strip()]
     commands = "\n".join(dict.fromkeys(lines))
     return {"ae_steps": ae_steps, "ae_minutes": ae_minutes, "autoencoder_curve": ae_curve, "commands": commands,
-            "prior_ae_steps": ae_prior_steps, "ae_note": ae_note, "unet_steps": unet_steps,
+            "prior_ae_steps": ae_prior_steps, "ae_note": ae_note, "ae_folded": ae_folded, "unet_steps": unet_steps,
             "unet_minutes": unet_minutes, "unet_curve": unet_curve, "unet_data": unet_data,
             "prior_unet_steps": prior.get("unet_steps", 0), "unet_note": note, "unet_unchanged": unet_state is None}
 
@@ -718,7 +740,12 @@ def write_model_card(args: argparse.Namespace, history: dict) -> None:
     (out / "benchmark.json").write_text(json.dumps(figures, indent=1) + "\n")
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
     ae_params = sum(p.numel() for p in pipe.vae.parameters())
-    kind = AE_CARD[pipe.vae.config.kind]
+    kind = {k: v.format(n_embed=pipe.vae.config.n_embed) for k, v in AE_CARD[pipe.vae.config.kind].items()}
+    if history["ae_folded"]:  # no codebook or commitment loss: the encoder is frozen
+        kind["ae_loss"] = AE_CARD["kl"]["ae_loss"] + " for the KL autoencoder, then L1 + MSE for the VQ decoder"
+    if history["unet_unchanged"] and pipe.vae.config.kind == "vq":
+        history["unet_note"] += (" Its latents are this VQ autoencoder's pre-quantization latents: the encoder is "
+                                 "that model's KL encoder, folded and frozen.")
     card = MODEL_CARD.format(
         psnr=ae_psnr, ceiling=ceiling, table=bench["table"], one=one, many=32 / many, ae_steps=history["ae_steps"],
         ae_minutes=history["ae_minutes"], unet_steps=history["unet_steps"], unet_minutes=history["unet_minutes"],
@@ -736,10 +763,10 @@ def write_model_card(args: argparse.Namespace, history: dict) -> None:
 AE_CARD = {
     "kl": {"ae_kind": "KL-regularized", "ae_loss": "L1 + MSE (object pixels weighted 5x) + 1e-6 KL",
            "unet_note": ""},
-    "vq": {"ae_kind": "VQ-regularized (1024-entry codebook; the U-Net sees the pre-quantization latent, the "
+    "vq": {"ae_kind": "VQ-regularized ({n_embed}-entry codebook; the U-Net sees the pre-quantization latent, the "
                       "decoder quantizes it)",
-           "ae_loss": "L1 + MSE (object pixels weighted 5x) + codebook + 0.25 commitment; started from the KL "
-                      "autoencoder (folded encoder, k-means codebook, `--init-from-kl`), counted in these steps",
+           "ae_loss": "L1 + MSE (object pixels weighted 5x) + codebook + 0.25 commitment; started from a KL "
+                      "autoencoder (folded encoder, k-means codebook, `--init-from-kl`)",
            "unet_note": "\n  Started from the EMA weights of the KL model's U-Net (`--init-from`; the pre-quantization "
                         "latent starts out equal to the KL posterior mean), so its training is that run's (see "
                         "weights/shapes-64/MODEL_CARD.md) plus these steps."},

@@ -126,6 +126,8 @@ def test_autoencoder_init_from_refuses_another_kind_before_writing(tmp_path):
     save_training_state({"model": vq.state_dict(), "step": 10, "elapsed": 60.0}, tmp_path / "vq" / "state.pt")
     with pytest.raises(SystemExit, match="--init-from .*vq: not a KL autoencoder"):
         main(["autoencoder", "--run", str(tmp_path / "run"), "--init-from", str(tmp_path / "vq")])
+    with pytest.raises(SystemExit, match="--init-from-kl .*vq: not a KL autoencoder"):
+        main(["autoencoder", "--kind", "vq", "--run", str(tmp_path / "run"), "--init-from-kl", str(tmp_path / "vq")])
     with pytest.raises(SystemExit, match="pass one of --init-from"):
         main(["autoencoder", "--kind", "vq", "--run", str(tmp_path / "run"), "--init-from", str(tmp_path / "vq"),
               "--init-from-kl", str(tmp_path / "vq")])
@@ -307,6 +309,7 @@ def test_training_history_of_a_unet_exported_unchanged_from_a_model_folder(tmp_p
     folded = training_history(argparse.Namespace(ae=str(tmp_path / "vq"), unet=str(folder)), None)
     assert folded["ae_folded"] and not history["ae_folded"] and folded["ae_steps"] == 13027
     assert "folded and frozen" in folded["ae_note"] and "folded" not in history["ae_note"]
+    assert "KL encoder, folded and frozen" in folded["unet_note"] and "folded" not in history["unet_note"]
 
 
 def test_binding_examples_are_exactly_the_two_object_and_scenes():

@@ -152,6 +152,9 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         if autoencoder_kind(same_state) != args.kind:
             raise SystemExit(f"--init-from {args.init_from}: not a {args.kind.upper()} autoencoder "
                              "(pass --kind to match)")
+    init_state = autoencoder_weights(init) if init is not None else None
+    if init_state is not None and autoencoder_kind(init_state) != "kl":
+        raise SystemExit(f"--init-from-kl {args.init_from_kl}: not a KL autoencoder")
     resumed = Path(args.run) / "state.pt"
     st = load_training_state(resumed) if resumed.exists() else None  # read once: checked here, resumed below
     if st is not None and st.get("decoder_only", False) != args.decoder_only:
@@ -186,7 +189,7 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         print(f"initialized from the autoencoder in {args.init_from} ({prior['autoencoder_steps']} steps)", flush=True)
     elif init is not None:
         prior = {**autoencoder_history(init), "folded_kl": True}
-        vq_from_kl(model, autoencoder_weights(init), seed=args.seed)
+        vq_from_kl(model, init_state, seed=args.seed)
         print(f"initialized from the KL autoencoder in {args.init_from_kl} ({prior['autoencoder_steps']} steps)",
               flush=True)
     reg_weight = args.reg_weight if args.reg_weight is not None else {"kl": 1e-6, "vq": 1.0}[args.kind]
@@ -674,6 +677,9 @@ def training_history(args: argparse.Namespace, unet_state: dict | None) -> dict:
         unet_curve = _curve(unet_source, "unet_loss.png")
         note = (f"\n  The U-Net of {unet_source.name}, exported unchanged (`--unet {args.unet}`); its training is "
                 "counted above.")
+        if ae_folded:
+            note += (" Its latents are this VQ autoencoder's pre-quantization latents: the encoder is that model's KL "
+                     "encoder, folded and frozen.")
     else:
         prior = unet_state.get("prior") or {}
         unet_commands = (Path(args.unet) / "commands.txt").read_text()
@@ -743,9 +749,6 @@ def write_model_card(args: argparse.Namespace, history: dict) -> None:
     kind = {k: v.format(n_embed=pipe.vae.config.n_embed) for k, v in AE_CARD[pipe.vae.config.kind].items()}
     if history["ae_folded"]:  # no codebook or commitment loss: the encoder is frozen
         kind["ae_loss"] = AE_CARD["kl"]["ae_loss"] + " for the KL autoencoder, then L1 + MSE for the VQ decoder"
-    if history["unet_unchanged"] and pipe.vae.config.kind == "vq":
-        history["unet_note"] += (" Its latents are this VQ autoencoder's pre-quantization latents: the encoder is "
-                                 "that model's KL encoder, folded and frozen.")
     card = MODEL_CARD.format(
         psnr=ae_psnr, ceiling=ceiling, table=bench["table"], one=one, many=32 / many, ae_steps=history["ae_steps"],
         ae_minutes=history["ae_minutes"], unet_steps=history["unet_steps"], unet_minutes=history["unet_minutes"],

@@ -156,7 +156,7 @@ def scores(generated: np.ndarray, train: np.ndarray, heldout: np.ndarray) -> dic
 def shapes_mean(pipe, per_task: int) -> float | None:
     if not per_task:
         return None
-    return run_shapes_benchmark(pipe, per_task=per_task, splits=("seen",))["scores"]["seen"]["mean"]
+    return run_shapes_benchmark(pipe, sampler="ddim", per_task=per_task, splits=("seen",))["scores"]["seen"]["mean"]
 
 
 def save_grid(rows: list[np.ndarray], path: Path, zoom: int = 2) -> None:

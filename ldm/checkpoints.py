@@ -323,10 +323,11 @@ def _save_diffusers(unet, vae, text_encoder, diffusion, folder: Path) -> None:
 
     if not isinstance(text_encoder, CLIPTextEncoder) or vae.config.kind != "kl":
         raise ValueError("the diffusers StableDiffusionPipeline layout needs a CLIP text encoder and a KL autoencoder")
+    scheduler = diffusion.to_diffusers()
     write_json({"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+                "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
                 "feature_extractor": [None, None], "image_encoder": [None, None],
                 "requires_safety_checker": False}, folder / "model_index.json")
     _save_component(config_to_diffusers(unet.config), state_dict_to_diffusers(unet.state_dict(), unet.config),
@@ -336,7 +337,7 @@ def _save_diffusers(unet, vae, text_encoder, diffusion, folder: Path) -> None:
                     "diffusion_pytorch_model.safetensors")
     text_encoder.save_pretrained(folder)  # text_encoder/ and tokenizer/ in diffusers' layout
     (folder / "scheduler").mkdir()
-    write_json(diffusion.to_diffusers(), folder / "scheduler" / "scheduler_config.json")
+    write_json(scheduler, folder / "scheduler" / "scheduler_config.json")
 
 
 def save_single_file(unet: UNetModel, vae: Autoencoder, text_encoder: CLIPTextEncoder, path: PathLike) -> Path:

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from .sampling import SAMPLERS
+
 
 def _oracle_table(args: argparse.Namespace) -> int:
     """Sample Gaussian data with its closed-form optimal denoiser through every sampler and print how close
@@ -79,6 +81,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAMPLER_CHOICES = list(SAMPLERS)
+SAMPLER_HELP = "default: the model's own (diffusion.sampler in its folder; ddim where none is stored)"
 
 
 def _save_images(images, output: str) -> list[str]:
@@ -124,7 +128,7 @@ def _add_generation_args(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--negative", default=None, help="negative prompt")
     cmd.add_argument("--steps", type=int, default=30)
     cmd.add_argument("--guidance", type=float, default=7.5)
-    cmd.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m", "langevin"])
+    cmd.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES, help=SAMPLER_HELP)
     cmd.add_argument("--eta", type=float, default=0.0)
     cmd.add_argument("--seed", type=int, default=0)
     cmd.add_argument("--num-images", type=int, default=1)
@@ -148,7 +152,7 @@ def _bench(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"ldm bench: error: {err}", file=sys.stderr)
         return 2
-    print(f"shapes benchmark: model {args.model or 'shapes-64 (default)'}, {args.sampler} {args.steps} steps, "
+    print(f"shapes benchmark: model {args.model or 'shapes-64 (default)'}, {result['sampler']} {args.steps} steps, "
           f"guidance {args.guidance}, {result['images']} images"
           + (f", prompt set {args.seed} (not the published one, 0)" if args.seed else ""))
     print(result["table"])
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("suite", choices=["shapes"])
     bench.add_argument("--model", default=None)
     bench.add_argument("--steps", type=int_at_least(1), default=20)
-    bench.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m", "langevin"])
+    bench.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES, help=SAMPLER_HELP)
     bench.add_argument("--guidance", type=float, default=3.0)
     bench.add_argument("--per-task", type=int_at_least(1), default=36)
     bench.add_argument("--batch-size", type=int_at_least(1), default=32)

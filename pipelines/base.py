@@ -203,26 +203,30 @@ class LatentDiffusionPipeline:
         return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
     def check_common(self, prompts: list[str], negative_prompt, num_inference_steps, guidance_scale, sampler, eta,
-                     num_images_per_prompt, output_type) -> Optional[list[str]]:
-        """Validate the arguments every pipeline takes; returns the negative prompts (or None)."""
+                     num_images_per_prompt, output_type) -> tuple[Optional[list[str]], str]:
+        """Validate the arguments every pipeline takes; returns the negative prompts (or None) and the sampler
+        (sampler=None is the model's default, `diffusion.sampler` in its folder)."""
         _check_number("num_inference_steps", num_inference_steps, 1, self.schedule.num_timesteps, integer=True)
         _check_number("guidance_scale", guidance_scale, 0)
         _check_number("eta", eta, 0)
         _check_number("num_images_per_prompt", num_images_per_prompt, 1, integer=True)
+        default = sampler is None
+        sampler = self.diffusion.sampler if default else sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
         if eta and sampler != "ddim":
-            raise ValueError(f"eta applies to the ddim sampler only; got eta={eta} with sampler={sampler!r}")
+            raise ValueError(f"eta applies to the ddim sampler only; got eta={eta} with sampler={sampler!r}"
+                             + (" (this model's default; pass sampler='ddim')" if default else ""))
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
         if negative_prompt is None:
-            return None
+            return None, sampler
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         if not isinstance(negatives, (list, tuple)) or len(negatives) != len(prompts) or \
                 not all(isinstance(n, str) for n in negatives):
             raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt); "
                              f"got {negative_prompt!r}")
-        return list(negatives)
+        return list(negatives), sampler
 
     def conditioning(self, prompts: list[str], negatives: Optional[list[str]], n: int, guidance_scale: float):
         """(cond, cond_mask, uncond, uncond_mask) for B = len(prompts) * n images; uncond is None without CFG

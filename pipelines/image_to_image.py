@@ -59,7 +59,7 @@ def image_to_tensor(image: ImageInput, factor: int) -> torch.Tensor:
 class ImageToImagePipeline(LatentDiffusionPipeline):
     def __call__(self, prompt: Union[str, Sequence[str]], image: ImageInput, strength: float = 0.8,
                  negative_prompt: Union[None, str, Sequence[str]] = None, num_inference_steps: int = 30,
-                 guidance_scale: float = 7.5, sampler: str = "ddim", eta: float = 0.0, thresholding=None,
+                 guidance_scale: float = 7.5, sampler: Optional[str] = None, eta: float = 0.0, thresholding=None,
                  num_images_per_prompt: int = 1, seed: Union[None, int, Sequence[int]] = None,
                  generator: Generator = None, output_type: str = "pil",
                  callback: Optional[Callable] = None) -> PipelineOutput:
@@ -68,8 +68,8 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         noised to the first of them; strength 1 starts from (almost) pure noise. One image for all prompts or
         one per prompt; each is repeated num_images_per_prompt times."""
         prompts = check_prompts(prompt)
-        negatives = self.check_common(prompts, negative_prompt, num_inference_steps, guidance_scale, sampler, eta,
-                                      num_images_per_prompt, output_type)
+        negatives, sampler = self.check_common(prompts, negative_prompt, num_inference_steps, guidance_scale,
+                                               sampler, eta, num_images_per_prompt, output_type)
         _check_number("strength", strength, 0, 1, low_open=True)
         pixels = image_to_tensor(image, self.latent_factor).to(self.device, self.dtype)
         if pixels.shape[0] not in (1, len(prompts)):

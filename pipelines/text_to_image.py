@@ -10,22 +10,23 @@ from .base import LatentDiffusionPipeline, PipelineOutput, _check_number, check_
 
 class TextToImagePipeline(LatentDiffusionPipeline):
     def __call__(self, prompt: Union[str, Sequence[str]], negative_prompt: Union[None, str, Sequence[str]] = None,
-                 num_inference_steps: int = 30, guidance_scale: float = 7.5, sampler: str = "ddim", eta: float = 0.0,
-                 thresholding=None, height: Optional[int] = None, width: Optional[int] = None,
+                 num_inference_steps: int = 30, guidance_scale: float = 7.5, sampler: Optional[str] = None,
+                 eta: float = 0.0, thresholding=None, height: Optional[int] = None, width: Optional[int] = None,
                  num_images_per_prompt: int = 1, seed: Union[None, int, Sequence[int]] = None,
                  generator: Generator = None, output_type: str = "pil",
                  callback: Optional[Callable] = None) -> PipelineOutput:
         """Generate images for one prompt or a list of prompts.
 
-        sampler: "ddim" (eta), "ddpm", "dpmpp_2m" or "langevin"; guidance_scale > 1 turns on classifier-free
+        sampler: "ddim" (eta), "ddpm", "dpmpp_2m" or "langevin", None for the model's default (its folder's
+        diffusion.sampler: "dpmpp_2m" for shapes-64, "ddim" where none is stored); guidance_scale > 1 turns on classifier-free
         guidance (negative_prompt replaces the empty prompt); thresholding: None, "static", "dynamic" or a dict
         like {"kind": "dynamic", "percentile": 0.995} (applied to the latent x0 estimate); height/width default
         to the model's native size and must be multiples of the autoencoder's factor; seed: an int (image k gets
         seed + k, so a seed gives the same image at any batch size) or one int per image.
         """
         prompts = check_prompts(prompt)
-        negatives = self.check_common(prompts, negative_prompt, num_inference_steps, guidance_scale, sampler, eta,
-                                      num_images_per_prompt, output_type)
+        negatives, sampler = self.check_common(prompts, negative_prompt, num_inference_steps, guidance_scale,
+                                               sampler, eta, num_images_per_prompt, output_type)
         f = self.latent_factor
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width

@@ -12,10 +12,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline,
-                       StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
+                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm.diffusion.config import DiffusionConfig
 from ldm.text.tokenizers import clip_tokenizer
 from pipelines import ImageToImagePipeline, TextToImagePipeline
 
@@ -122,6 +123,51 @@ def test_round_trips_through_every_format(models, tmp_path):
     reloaded.set_progress_bar_config(disable=True)
     theirs_image = reloaded("a cyan circle", num_inference_steps=4, generator=seeded([1]), output_type="np").images
     assert np.abs(theirs_image - reference).max() < ATOL
+
+
+def test_a_folder_keeps_its_default_sampler(models, tmp_path):
+    """A model folder names the sampler used when the caller names none (diffusers: the scheduler class), in both
+    formats, and diffusers draws the same image from our diffusers folder with the scheduler it reads there."""
+    _, theirs, ours, folder = models
+    dpm = TextToImagePipeline(ours.unet, ours.vae, ours.text_encoder,
+                              dataclasses.replace(ours.diffusion, sampler="dpmpp_2m"))
+    kwargs = dict(num_inference_steps=5, guidance_scale=4.0, seed=2, output_type="np")
+    explicit = ours("a cyan circle", sampler="dpmpp_2m", **kwargs).images
+    assert ours.diffusion.sampler == "ddim"  # the fixture's folder was saved with diffusers' DDIMScheduler
+    assert np.array_equal(ours("a cyan circle", sampler="ddim", **kwargs).images,
+                          ours("a cyan circle", **kwargs).images)
+    assert np.abs(ours("a cyan circle", **kwargs).images - explicit).max() > 1e-3  # the samplers differ here
+    for fmt in ("ldm", "diffusers"):
+        dpm.save_pretrained(tmp_path / fmt, format=fmt)
+        loaded = TextToImagePipeline.from_pretrained(tmp_path / fmt)
+        loaded.progress = False
+        assert loaded.diffusion == dpm.diffusion
+        assert np.array_equal(loaded("a cyan circle", **kwargs).images, explicit)
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "diffusers", local_files_only=True)
+    reloaded.set_progress_bar_config(disable=True)
+    assert type(reloaded.scheduler) is DPMSolverMultistepScheduler
+    theirs_image = reloaded("a cyan circle", num_inference_steps=5, guidance_scale=4.0, generator=seeded([2]),
+                            output_type="np").images
+    assert np.abs(theirs_image - explicit).max() < ATOL
+    # eta belongs to DDIM: with another default sampler the error says how to ask for DDIM
+    with pytest.raises(ValueError, match="eta applies to the ddim sampler only.*pass sampler='ddim'"):
+        dpm("a cyan circle", eta=0.5, **kwargs)
+
+
+def test_diffusers_schedulers_read_as_samplers():
+    """DDIM and DPM-Solver++(2M) are read from a scheduler config; a DPM-Solver set up otherwise, or a scheduler
+    we have no equal of (PNDM), falls back to DDIM; an unknown sampler name is refused by name."""
+    base = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    read = lambda cls, **kw: DiffusionConfig.from_diffusers(dict(cls.from_config(base, **kw).config,
+                                                                 _class_name=cls.__name__)).sampler
+    assert read(DDIMScheduler) == "ddim"
+    assert read(DPMSolverMultistepScheduler) == "dpmpp_2m"  # diffusers' defaults are DPM-Solver++, order 2
+    assert read(DPMSolverMultistepScheduler, solver_order=3) == "ddim"
+    assert read(DPMSolverMultistepScheduler, final_sigmas_type="sigma_min") == "ddim"
+    assert read(PNDMScheduler) == "ddim"
+    assert DiffusionConfig.from_dict({"schedule": "cosine"}).sampler == "ddim"  # folders saved before the field
+    with pytest.raises(ValueError, match="sampler must be one of .*'euler'"):
+        DiffusionConfig(sampler="euler")
 
 
 def test_same_seed_same_image_at_any_batch_size(models):

@@ -1,15 +1,23 @@
-"""How a model was trained to be sampled: schedule, parameterization, variance, default timestep spacing."""
+"""How a model was trained to be sampled: schedule, parameterization, variance, default timestep spacing and
+the sampler its pipeline uses when the caller names none (diffusers keeps this as the scheduler class)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..config import JsonConfig
+from ..sampling import SAMPLERS
 from . import parameterization as param
 from .schedule import SCHEDULE_ALIASES, SPACINGS, NoiseSchedule
 
 _DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 _DIFFUSERS_SCHEDULE = {"cosine": "squaredcos_cap_v2"}
+# The diffusers schedulers that step as one of our samplers does (tests/test_parity_diffusers.py), and the
+# settings that make them do so; any other scheduler class is read as "ddim".
+_DIFFUSERS_SCHEDULER = {"ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}),
+                        "dpmpp_2m": ("DPMSolverMultistepScheduler",
+                                     {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True,
+                                      "final_sigmas_type": "zero", "thresholding": False})}
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,7 @@ class DiffusionConfig(JsonConfig):
     variance_type: str = "fixed_small"
     spacing: str = "trailing"
     steps_offset: int = 0
+    sampler: str = "ddim"
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", SCHEDULE_ALIASES.get(self.schedule, self.schedule))
@@ -29,6 +38,8 @@ class DiffusionConfig(JsonConfig):
         param.check_variance_type(self.variance_type)
         if self.spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {self.spacing!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
         self.build_schedule()  # validates the schedule name and length
 
     def build_schedule(self) -> NoiseSchedule:
@@ -47,13 +58,25 @@ class DiffusionConfig(JsonConfig):
                    beta_start=d.get("beta_start", 0.0001), beta_end=d.get("beta_end", 0.02),
                    prediction_type=d.get("prediction_type", "epsilon"),
                    variance_type=variance if variance in param.VARIANCE_TYPES else "fixed_small",
-                   spacing=d.get("timestep_spacing", "leading"), steps_offset=d.get("steps_offset", 0))
+                   spacing=d.get("timestep_spacing", "leading"), steps_offset=d.get("steps_offset", 0),
+                   sampler=_sampler_from_diffusers(d))
 
     def to_diffusers(self) -> dict[str, Any]:
-        """A DDIMScheduler config (steps to x0 at the end, as our samplers do: set_alpha_to_one)."""
+        """The scheduler config of the default sampler: DPMSolverMultistepScheduler (DPM-Solver++, order 2, last
+        step to sigma 0) for "dpmpp_2m", else a DDIMScheduler (last step to x0, as our samplers: set_alpha_to_one)."""
         schedule = self.build_schedule()
-        return {"_class_name": "DDIMScheduler", "num_train_timesteps": self.num_timesteps,
+        name, settings = _DIFFUSERS_SCHEDULER.get(self.sampler, _DIFFUSERS_SCHEDULER["ddim"])
+        return {"_class_name": name, "num_train_timesteps": self.num_timesteps,
                 "beta_schedule": _DIFFUSERS_SCHEDULE.get(self.schedule, self.schedule),
                 "beta_start": float(schedule.betas[0]), "beta_end": float(schedule.betas[-1]),
                 "prediction_type": _DIFFUSERS_PREDICTION[self.prediction_type], "timestep_spacing": self.spacing,
-                "steps_offset": self.steps_offset, "clip_sample": False, "set_alpha_to_one": True}
+                "steps_offset": self.steps_offset, **settings}
+
+
+def _sampler_from_diffusers(d: dict[str, Any]) -> str:
+    """"dpmpp_2m" for a DPMSolverMultistepScheduler set up as DPM-Solver++(2M) with its last step to sigma 0, else
+    "ddim" (the schedulers we have no equal of, such as PNDM or Euler, are sampled with DDIM)."""
+    name, settings = _DIFFUSERS_SCHEDULER["dpmpp_2m"]
+    if d.get("_class_name") == name and all(d.get(k, v) == v for k, v in settings.items()):
+        return "dpmpp_2m"
+    return "ddim"

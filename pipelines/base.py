@@ -216,7 +216,7 @@ class LatentDiffusionPipeline:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
         if eta and sampler != "ddim":
             raise ValueError(f"eta applies to the ddim sampler only; got eta={eta} with sampler={sampler!r}"
-                             + (" (this model's default; pass sampler='ddim')" if default else ""))
+                             + (" (this model's default; pass sampler='ddim', or --sampler ddim)" if default else ""))
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
         if negative_prompt is None:

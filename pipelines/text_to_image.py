@@ -18,8 +18,8 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         """Generate images for one prompt or a list of prompts.
 
         sampler: "ddim" (eta), "ddpm", "dpmpp_2m" or "langevin", None for the model's default (its folder's
-        diffusion.sampler: "dpmpp_2m" for shapes-64, "ddim" where none is stored); guidance_scale > 1 turns on classifier-free
-        guidance (negative_prompt replaces the empty prompt); thresholding: None, "static", "dynamic" or a dict
+        diffusion.sampler: "dpmpp_2m" for shapes-64, "ddim" where none is stored); guidance_scale > 1 turns on
+        classifier-free guidance (negative_prompt replaces the empty prompt); thresholding: None, "static", "dynamic" or a dict
         like {"kind": "dynamic", "percentile": 0.995} (applied to the latent x0 estimate); height/width default
         to the model's native size and must be multiples of the autoencoder's factor; seed: an int (image k gets
         seed + k, so a seed gives the same image at any batch size) or one int per image.

@@ -1,8 +1,8 @@
 """Where the shapes-64 sampling time goes, and what a narrower U-Net would buy: the forward time of the shipped
-U-Net configuration at 64 and at 32 base channels (random weights: speed does not depend on them), at batch 2 (one
-image with classifier-free guidance) and batch 64 (32 images with guidance), and the shipped decoder at batch 1
-and 32. Median of --repeats timed calls after one warm-up, in milliseconds, with the threads torch uses.
-Not a test: run `python benchmarks/shapes_sampling_speed.py [--repeats 20] [--threads 2]`.
+U-Net configuration (read from weights/shapes-64) at its 64 and at 32 base channels (random weights: speed does
+not depend on them), at batch 2 (one image with classifier-free guidance) and batch 64 (32 images with guidance),
+and the shipped decoder at batch 1 and 32. Median of --repeats timed calls after one warm-up, in milliseconds,
+with the threads torch uses. Not a test: run `python benchmarks/shapes_sampling_speed.py [--repeats 20] [--threads 2]`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import time
 import torch
 
 from ldm.nn.unet import UNetModel
-from ldm.train.shapes import UNET_CONFIG
 
 
 def milliseconds(fn, repeats: int) -> float:
@@ -34,9 +33,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from pipelines import TextToImagePipeline
 
-    vae = TextToImagePipeline.from_pretrained().vae
+    shipped = TextToImagePipeline.from_pretrained()
+    vae, c = shipped.vae, shipped.unet.config
     g = torch.Generator().manual_seed(0)
-    c = UNET_CONFIG
     z = torch.randn(64, c.in_channels, c.sample_size, c.sample_size, generator=g)
     context = torch.randn(64, 24, c.context_dim, generator=g)
     t = torch.full((64,), 500.0)

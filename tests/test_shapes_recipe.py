@@ -310,6 +310,15 @@ def test_training_history_of_a_unet_exported_unchanged_from_a_model_folder(tmp_p
     assert folded["ae_folded"] and not history["ae_folded"] and folded["ae_steps"] == 13027
     assert "folded and frozen" in folded["ae_note"] and "folded" not in history["ae_note"]
     assert "KL encoder, folded and frozen" in folded["unet_note"] and "folded" not in history["unet_note"]
+    # ... and so it does with a U-Net run trained on the KL latents (export --ae <vq run> --unet <unet run>)
+    run = tmp_path / "unetrun"
+    save_training_state({"caption_ids": torch.arange(5), "embeddings": [torch.zeros(3)] * 4}, run / "text.pt")
+    (run / "commands.txt").write_text("16:55  unet --run runs/unetdeep --init-from shapes-64\n")
+    unet_state = {"step": 4429, "elapsed": 6480.0,
+                  "prior": {"source": str(folder), "unet_steps": 36624, "unet_minutes": 321.0, "commands": ""}}
+    grown = training_history(argparse.Namespace(ae=str(tmp_path / "vq"), unet=str(run)), unet_state)
+    assert (grown["unet_steps"], grown["unet_data"], grown["unet_unchanged"]) == (41053, [5, 3], False)
+    assert "then 4429 steps" in grown["unet_note"] and "KL encoder, folded and frozen" in grown["unet_note"]
 
 
 def test_binding_examples_are_exactly_the_two_object_and_scenes():

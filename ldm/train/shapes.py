@@ -679,9 +679,6 @@ def training_history(args: argparse.Namespace, unet_state: dict | None) -> dict:
         unet_curve = _curve(unet_source, "unet_loss.png")
         note = (f"\n  The U-Net of {unet_source.name}, exported unchanged (`--unet {args.unet}`); its training is "
                 "counted above.")
-        if ae_folded:
-            note += (" Its latents are this VQ autoencoder's pre-quantization latents: the encoder is that model's KL "
-                     "encoder, folded and frozen.")
     else:
         prior = unet_state.get("prior") or {}
         unet_commands = (Path(args.unet) / "commands.txt").read_text()
@@ -695,6 +692,9 @@ def training_history(args: argparse.Namespace, unet_state: dict | None) -> dict:
             note = (f"\n  Started from the U-Net of {Path(prior['source']).name} ({prior['unet_steps']} steps, "
                     f"{prior['unet_minutes']:.0f} min), then {unet_state['step']} steps, "
                     f"{unet_state['elapsed'] / 60:.0f} min in this run; the totals above count both.")
+    if ae_folded:  # a U-Net trained on the KL latents: the folded VQ encoder gives exactly those
+        note += (" It was trained on the KL autoencoder's latents, which are this VQ autoencoder's pre-quantization "
+                 "latents: its encoder is the KL encoder, folded and frozen.")
     # one line per invocation, in order; a model folder that both parts started from lists its commands once
     lines = [line.strip() for part in (prior.get("commands", ""), ae_commands, unet_commands)
              for line in part.splitlines() if line.strip()]
@@ -759,7 +759,7 @@ def write_model_card(args: argparse.Namespace, history: dict) -> None:
         scale=pipe.vae.config.scaling_factor, per_task=args.per_task, num_images=history["unet_data"][0],
         num_captions=history["unet_data"][1], out=args.out, ae=args.ae, unet=args.unet, name=out.name,
         status=status_line(figures), ae_note=history["ae_note"], sampler=SAMPLER_NAMES[bench["sampler"]],
-        **{**kind, "unet_note": history["unet_note"] if history["unet_unchanged"] else
+        **{**kind, "unet_note": history["unet_note"] if history["unet_unchanged"] or history["ae_folded"] else
            kind["unet_note"] + history["unet_note"]})
     (out / "MODEL_CARD.md").write_text(card)
     print(card)

@@ -1,6 +1,7 @@
 """The shapes-64 recipe's pieces that are not exercised by training itself: the VQ-from-KL start (an exact
 fold of the KL encoder's mean path) and the k-means that seeds its codebook."""
 import dataclasses
+import json
 import functools
 
 import pytest
@@ -359,3 +360,29 @@ def test_a_run_records_its_unet_config():
     assert deeper.transformer_depth == (1, 2) and deeper.model_channels == UNET_CONFIG.model_channels
     assert unet_config_of({"unet_config": deeper.to_dict()}) == deeper
     assert unet_config_of({}) == UNET_CONFIG  # runs saved before the config was recorded
+
+
+def test_an_autoencoder_exported_again_from_its_folder_keeps_its_note(tmp_path):
+    """export --ae shapes-64-vq --unet <run>: the folder's benchmark.json keeps how its autoencoder's last run
+    trained (written by export), so the new card still says it and still explains the folded VQ encoder."""
+    import argparse
+    from ldm.train.shapes import training_history
+    from ldm.train.state import save_training_state
+    folder = tmp_path / "shapes-64-vq"
+    (folder / "vae").mkdir(parents=True)
+    (folder / "ldm_pipeline.json").write_text("{}")
+    note = " This run trained the decoder only (`--decoder-only --init-from-kl`, ...): folded and frozen."
+    (folder / "benchmark.json").write_text(json.dumps({"autoencoder_steps": 19227, "autoencoder_note": note,
+                                                       "autoencoder_folded": True}))
+    run = tmp_path / "unetrun"
+    save_training_state({"caption_ids": torch.arange(5), "embeddings": [torch.zeros(3)] * 4}, run / "text.pt")
+    (run / "commands.txt").write_text("13:47  unet --run runs/unetdeep2 --init-from shapes-64\n")
+    state = {"step": 9601, "elapsed": 5400.0, "prior": {"source": "shapes-64", "unet_steps": 41053,
+                                                        "unet_minutes": 429.0, "commands": ""}}
+    history = training_history(argparse.Namespace(ae=str(folder), unet=str(run)), state)
+    assert (history["ae_steps"], history["ae_note"], history["ae_folded"]) == (19227, note, True)
+    assert "KL encoder, folded and frozen" in history["unet_note"]
+    # a folder whose benchmark.json predates the fields: no note, not folded
+    (folder / "benchmark.json").write_text('{"autoencoder_steps": 16827}')
+    older = training_history(argparse.Namespace(ae=str(folder), unet=str(run)), state)
+    assert (older["ae_note"], older["ae_folded"]) == ("", False) and "folded" not in older["unet_note"]

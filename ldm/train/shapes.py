@@ -139,7 +139,9 @@ def model_history(folder: Path) -> dict:
         unet_data = [int(data[1]), int(data[2])] if data else [0, 0]
     return {"source": str(folder), "commands": "\n".join(commands), "unet_data": unet_data,
             **{k: figures.get(k, 0) for k in ("unet_steps", "unet_minutes", "autoencoder_steps",
-                                              "autoencoder_minutes")}}
+                                              "autoencoder_minutes")},
+            "autoencoder_note": figures.get("autoencoder_note", ""),
+            "autoencoder_folded": figures.get("autoencoder_folded", False)}
 
 
 def train_autoencoder(args: argparse.Namespace) -> None:
@@ -670,7 +672,9 @@ def training_history(args: argparse.Namespace, unet_state: dict | None) -> dict:
         shipped = model_history(ae_source)
         ae_steps, ae_minutes = shipped["autoencoder_steps"], shipped["autoencoder_minutes"]
         ae_curve = _curve(ae_source, "autoencoder_loss.png")
-        ae_commands, ae_prior_steps, ae_note, ae_folded = shipped["commands"], 0, "", False
+        ae_commands, ae_prior_steps = shipped["commands"], 0
+        # the autoencoder of a model folder exported again (--ae shapes-64): its card keeps how its last run trained
+        ae_note, ae_folded = shipped["autoencoder_note"], shipped["autoencoder_folded"]
     if unet_state is None:
         unet_source = training_source("--unet", args.unet)
         shipped = model_history(unet_source)
@@ -744,6 +748,7 @@ def write_model_card(args: argparse.Namespace, history: dict) -> None:
                "autoencoder_steps": history["ae_steps"], "autoencoder_minutes": round(history["ae_minutes"], 1),
                "unet_steps": history["unet_steps"], "unet_minutes": round(history["unet_minutes"], 1),
                "unet_scenes": history["unet_data"][0], "unet_captions": history["unet_data"][1],
+               "autoencoder_note": history["ae_note"], "autoencoder_folded": history["ae_folded"],
                "hardware": hardware()}
     (out / "benchmark.json").write_text(json.dumps(figures, indent=1) + "\n")
     unet_params = sum(p.numel() for p in pipe.unet.parameters())

@@ -1,8 +1,8 @@
 """The shapes-64 recipe's pieces that are not exercised by training itself: the VQ-from-KL start (an exact
 fold of the KL encoder's mean path) and the k-means that seeds its codebook."""
 import dataclasses
-import json
 import functools
+import json
 
 import pytest
 import torch

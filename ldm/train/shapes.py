@@ -673,7 +673,8 @@ def training_history(args: argparse.Namespace, unet_state: dict | None) -> dict:
         ae_steps, ae_minutes = shipped["autoencoder_steps"], shipped["autoencoder_minutes"]
         ae_curve = _curve(ae_source, "autoencoder_loss.png")
         ae_commands, ae_prior_steps = shipped["commands"], 0
-        # the autoencoder of a model folder exported again (--ae shapes-64): its card keeps how its last run trained
+        # the autoencoder of a model folder exported again (--ae shapes-64): its benchmark.json keeps how its last
+        # run trained (written by export; folders from before that have no note)
         ae_note, ae_folded = shipped["autoencoder_note"], shipped["autoencoder_folded"]
     if unet_state is None:
         unet_source = training_source("--unet", args.unet)

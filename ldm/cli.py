@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from .device import DTYPES
 from .sampling import SAMPLERS
 
 
@@ -14,6 +15,7 @@ def _oracle_table(args: argparse.Namespace) -> int:
     """Sample Gaussian data with its closed-form optimal denoiser through every sampler and print how close
     each lands to the true mean and std: the diffusion core, checked end to end in a second."""
     from .diffusion import NoiseSchedule, gaussian_denoiser
+    from .random import randn
     from .sampling import sample
 
     schedule = NoiseSchedule.from_name(args.schedule)
@@ -25,7 +27,7 @@ def _oracle_table(args: argparse.Namespace) -> int:
             ("ddim", 50, {}), ("ddim", 50, {"eta": 1.0}), ("langevin", 100, {}), ("dpmpp_2m", 20, {})]
     for name, steps, options in runs:
         g = torch.Generator().manual_seed(0)
-        x_T = torch.randn(args.samples, 4, generator=g, dtype=torch.float64)
+        x_T = randn((args.samples, 4), g, torch.float64)
         start = time.perf_counter()
         x = sample(denoise, x_T, schedule, steps, name, generator=g, **options)
         elapsed = time.perf_counter() - start
@@ -43,8 +45,6 @@ DEMO_PROMPTS = ["a red circle above a blue square", "two green triangles", "a la
 
 def _demo(args: argparse.Namespace) -> int:
     """A grid of the shipped model's images for a handful of prompts (one column each), written to a PNG."""
-    from pathlib import Path
-
     import numpy as np
     from PIL import Image
 
@@ -58,65 +58,111 @@ def _demo(args: argparse.Namespace) -> int:
               "exact denoiser:\n")
         return _oracle_table(argparse.Namespace(schedule="cosine", samples=10_000))
     try:
-        pipe = TextToImagePipeline.from_pretrained(args.model)
-    except (ValueError, FileNotFoundError) as err:
+        out = _output_paths(args.output, 1)[0]
+        pipe = TextToImagePipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
+    except (UsageError, ValueError, OSError) as err:
         print(f"ldm demo: error: {err}", file=sys.stderr)
         return 2
     pipe.progress = False
+    steps = pipe.diffusion.num_inference_steps if args.steps is None else args.steps
     start = time.perf_counter()
-    images = pipe(DEMO_PROMPTS, num_inference_steps=args.steps, guidance_scale=3.0, seed=0,
+    images = pipe(DEMO_PROMPTS, num_inference_steps=steps, seed=0,
                   num_images_per_prompt=2, output_type="np").images
     elapsed = time.perf_counter() - start
     n = len(DEMO_PROMPTS)
     rows = [np.concatenate([images[2 * j + r] for j in range(n)], axis=1) for r in range(2)]
     grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(out)
+    _save_images([Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)], [out])
     for k, prompt in enumerate(DEMO_PROMPTS):
         print(f"column {k + 1}: {prompt}")
-    print(f"{2 * n} images, {args.steps} steps, {elapsed:.2f} s")
+    print(f"{2 * n} images, {steps} steps, {elapsed:.2f} s")
     print(out.resolve())
     return 0
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLER_CHOICES = list(SAMPLERS)
 SAMPLER_HELP = "default: the model's own (diffusion.sampler in its folder; ddim where none is stored)"
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # -o suffix -> PIL format
+IMAGE_SUFFIXES = tuple(IMAGE_FORMATS)
 
 
-def _save_images(images, output: str) -> list[str]:
+class UsageError(Exception):
+    """A bad command-line input found before any work: printed as one line, exit code 2."""
+
+
+def _device(name: str) -> str:
+    """--device auto: a CUDA GPU if there is one, else an Apple GPU, else the CPU."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _output_paths(output: str, count: int) -> list:
+    """The files -o names for `count` images (out.png, or out-0.png, out-1.png, ...), checked before any drawing:
+    a known image suffix and a folder that exists or can be made, and is writable."""
+    import os
     from pathlib import Path
 
     out = Path(output)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise SystemExit(f"ldm: -o/--output must end in .png, .jpg or .webp; got {output}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out if len(images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(images))]
+    if out.is_dir():
+        raise UsageError(f"-o/--output {output!r} is a folder; give a file name such as {output}/out.png")
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"-o/--output must end in {', '.join(IMAGE_SUFFIXES)}; got {output!r}")
+    folder = out.parent
+    while not folder.exists():  # the nearest folder that exists must let us make the rest
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"-o/--output {output!r}: cannot write into {str(folder)!r}")
+    return [out if count == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(count)]
+
+
+def _save_images(images, paths) -> list[str]:
+    """Each image written atomically (a temporary file, then a rename): an existing file is never half-overwritten."""
+    from .files import atomic_path
+
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, paths):
-        image.save(path)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()])
     return [str(p) for p in paths]
+
+
+
+def _read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise UsageError(f"--image {path!r}: no such file") from None
+    except UnidentifiedImageError:
+        raise UsageError(f"--image {path!r} is not an image file PIL can read (PNG, JPEG, WebP, ...)") from None
+    except OSError as err:  # a truncated or unreadable file
+        raise UsageError(f"--image {path!r} cannot be read: {err}") from None
 
 
 def _generate(args: argparse.Namespace) -> int:
     """Text-to-image or image-to-image from the command line; prints the written paths."""
-    from PIL import Image
-
     from pipelines import ImageToImagePipeline, TextToImagePipeline
 
     cls = ImageToImagePipeline if args.command == "img2img" else TextToImagePipeline
     try:
-        pipe = cls.from_pretrained(args.model, allow_pickle=args.allow_pickle, dtype=DTYPES[args.dtype])
+        paths = _output_paths(args.output, args.num_images)
+        image = _read_image(args.image) if args.command == "img2img" else None
+        pipe = cls.from_pretrained(args.model, allow_pickle=args.allow_pickle, dtype=DTYPES[args.dtype],
+                                   device=_device(args.device))
         kwargs = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       sampler=args.sampler, eta=args.eta, num_images_per_prompt=args.num_images, seed=args.seed)
         if args.command == "img2img":
-            out = pipe(args.prompt, image=Image.open(args.image).convert("RGB"), strength=args.strength, **kwargs)
+            out = pipe(args.prompt, image=image, strength=args.strength, **kwargs)
         else:
             out = pipe(args.prompt, height=args.height, width=args.width, **kwargs)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        written = _save_images(out.images, paths)
+    except (UsageError, ValueError, OSError, FloatingPointError) as err:  # FileNotFoundError is an OSError
         print(f"ldm {args.command}: error: {err}", file=sys.stderr)
         return 2
-    for path in _save_images(out.images, args.output):
+    for path in written:
         print(path)
     return 0
 
@@ -126,16 +172,24 @@ def _add_generation_args(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--model", default=None, help="our folder, a diffusers folder, an SD .safetensors file, or the "
                                                     "name of a shipped model (default: the shipped default)")
     cmd.add_argument("--negative", default=None, help="negative prompt")
-    cmd.add_argument("--steps", type=int, default=30)
-    cmd.add_argument("--guidance", type=float, default=7.5)
+    cmd.add_argument("--steps", type=int_at_least(1), default=None, help="default: the model's own (shapes-64: 20; "
+                     "50 where a folder stores none)")
+    cmd.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; default: the "
+                     "model's own (shapes-64: 3; 7.5 where a folder stores none)")
     cmd.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES, help=SAMPLER_HELP)
     cmd.add_argument("--eta", type=float, default=0.0)
-    cmd.add_argument("--seed", type=int, default=0)
-    cmd.add_argument("--num-images", type=int, default=1)
-    cmd.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    cmd.add_argument("--seed", type=int_at_least(0), default=0, help="image k gets seed + k")
+    cmd.add_argument("--num-images", type=int_at_least(1), default=1)
+    _add_device_args(cmd)
     cmd.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickles (weights_only loading)")
     cmd.add_argument("-o", "--output", default="out.png")
     cmd.set_defaults(func=_generate)
+
+
+def _add_device_args(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps; auto (the default): cuda if "
+                     "available, else mps, else cpu")
+    cmd.add_argument("--dtype", default="float32", choices=list(DTYPES))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -145,15 +199,17 @@ def _bench(args: argparse.Namespace) -> int:
     from .eval.shapes_bench import run_shapes_benchmark
 
     try:
-        pipe = TextToImagePipeline.from_pretrained(args.model)
+        pipe = TextToImagePipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
         pipe.progress = False
-        result = run_shapes_benchmark(pipe, args.steps, args.sampler, args.guidance, per_task=args.per_task,
+        steps = pipe.diffusion.num_inference_steps if args.steps is None else args.steps
+        guidance = pipe.diffusion.guidance_scale if args.guidance is None else args.guidance
+        result = run_shapes_benchmark(pipe, steps, args.sampler, guidance, per_task=args.per_task,
                                       batch_size=args.batch_size, seed=args.seed)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"ldm bench: error: {err}", file=sys.stderr)
         return 2
-    print(f"shapes benchmark: model {args.model or 'shapes-64 (default)'}, {result['sampler']} {args.steps} steps, "
-          f"guidance {args.guidance}, {result['images']} images"
+    print(f"shapes benchmark: model {args.model or 'shapes-64 (default)'}, {result['sampler']} {steps} steps, "
+          f"guidance {guidance}, {result['images']} images"
           + (f", prompt set {args.seed} (not the published one, 0)" if args.seed else ""))
     print(result["table"])
     print(f"seconds per image: {result['seconds_per_image']:.4f} (batches of {args.batch_size}, "
@@ -178,6 +234,8 @@ def _train(args: argparse.Namespace) -> int:
             if not isinstance(values, dict):
                 raise ValueError(f"--config {args.config} must hold a JSON object of TrainConfig fields")
         values.update({k: v for k, v in vars(args).items() if k in names})
+        if "dtype" in vars(args):  # --dtype: the compute dtype, as mixed precision over float32 weights
+            values["mixed_precision"] = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
         final = Trainer(TrainConfig.from_dict(values), resume=getattr(args, "resume", None)).train()
     except (ValueError, OSError) as err:  # json.JSONDecodeError is a ValueError
         print(f"ldm train: error: {err}", file=sys.stderr)
@@ -251,6 +309,9 @@ def _add_train_args(cmd: argparse.ArgumentParser) -> None:
     add("--sample-guidance", type=float)
     add("--log", choices=tc.LOGGERS)
     add("--num-workers", type=int, help="data-loading worker processes")
+    add("--device", choices=["cpu", "cuda", "mps"], help="default: a CUDA GPU if there is one, else the CPU")
+    add("--dtype", choices=list(DTYPES), help="compute dtype: bfloat16/float16 train in mixed precision over "
+                                              "float32 weights (the same as --mixed-precision bf16/fp16)")
     cmd.set_defaults(func=_train)
 
 
@@ -263,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     oracle.set_defaults(func=_oracle_table)
     demo = sub.add_parser("demo", help="what `make demo` runs: a grid of images from the shipped model")
     demo.add_argument("--model", default=None)
-    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--steps", type=int_at_least(1), default=None, help="default: the model's own")
+    _add_device_args(demo)
     demo.add_argument("-o", "--output", default="out/demo.png")
     demo.set_defaults(func=_demo)
     generate = sub.add_parser("generate", help="text-to-image")
@@ -277,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks: `ldm bench shapes`")
     bench.add_argument("suite", choices=["shapes"])
     bench.add_argument("--model", default=None)
-    bench.add_argument("--steps", type=int_at_least(1), default=20)
+    bench.add_argument("--steps", type=int_at_least(1), default=None, help="default: the model's own")
     bench.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES, help=SAMPLER_HELP)
-    bench.add_argument("--guidance", type=float, default=3.0)
+    bench.add_argument("--guidance", type=float, default=None, help="default: the model's own")
+    _add_device_args(bench)
     bench.add_argument("--per-task", type=int_at_least(1), default=36)
     bench.add_argument("--batch-size", type=int_at_least(1), default=32)
     bench.add_argument("--seed", type=int_at_least(0), default=0, help="prompt set (prompts and their seeds); 0 is the published "

@@ -1,6 +1,7 @@
 """The config.json side of every frozen config dataclass, written once."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -18,3 +19,15 @@ class JsonConfig:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
         return cls(**d)
+
+
+def check_number(name: str, value, low: float, high: float = float("inf"), low_open: bool = False,
+                 integer: bool = False) -> None:
+    """ValueError naming `name` unless value is an int (or, integer=False, a finite float) in [low, high]
+    ((low, high] with low_open); bools are refused, as are NaN and infinities."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        lo = "(" if low_open else "["
+        raise ValueError(f"{name} must be {'an int' if integer else 'a number'} in {lo}{low}, {high}]; got {value!r}")

@@ -1,5 +1,8 @@
-"""Seeded Gaussian noise, one generator for the batch or one per row (so a seed gives the same image at
-any batch size). Draws exactly as diffusers' randn_tensor does, so seeded runs line up with it."""
+"""Every random draw of the library goes through this file (a test checks that no other module calls torch's
+random functions). Noise is drawn on the generator's device, the CPU for the usual CPU generators and for no
+generator, and then moved to where it is used, as diffusers' randn_tensor does: a seed gives the same image on
+a CPU, a CUDA GPU or an Apple GPU, and torch's refusal of a CPU generator for a CUDA tensor never arises. With one
+generator per row, row i is drawn from generator i, so a seed gives the same image at any batch size."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -7,15 +10,44 @@ from typing import Optional, Sequence, Union
 import torch
 
 Generator = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
+CPU = torch.device("cpu")
+
+
+def _rows(shape: tuple[int, ...], generator: Generator) -> list[tuple[Optional[torch.Generator], tuple[int, ...]]]:
+    """(generator, shape) per draw: the whole shape for one generator (or none), else one row per generator."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return [(generator, shape)]
+    generators = list(generator)
+    if not shape or len(generators) != shape[0]:
+        raise ValueError(f"generator is a list of {len(generators)} generators but the batch has "
+                         f"{shape[0] if shape else 0} rows")
+    return [(g, (1,) + shape[1:]) for g in generators]
+
+
+def _source(generator: Optional[torch.Generator]) -> torch.device:
+    return CPU if generator is None else generator.device
 
 
 def randn(shape: Sequence[int], generator: Generator = None, dtype: torch.dtype = torch.float32,
           device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal noise of `shape`; with a list of generators, row i is drawn from generator i."""
-    shape = tuple(shape)
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
-    generators = list(generator)
-    if len(generators) != shape[0]:
-        raise ValueError(f"generator is a list of {len(generators)} generators but the batch has {shape[0]} rows")
-    return torch.cat([torch.randn((1,) + shape[1:], generator=g, dtype=dtype, device=device) for g in generators])
+    """Standard normal noise of `shape` on `device`; with a list of generators, row i is drawn from generator i."""
+    draws = [torch.randn(s, generator=g, dtype=dtype, device=_source(g)) for g, s in _rows(tuple(shape), generator)]
+    return torch.cat(draws).to(device) if len(draws) > 1 else draws[0].to(device)
+
+
+def randint(high: int, shape: Sequence[int], generator: Generator = None,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """Integers uniform in [0, high) of `shape` on `device` (e.g. training timesteps); per-row generators as randn."""
+    draws = [torch.randint(0, high, s, generator=g, device=_source(g)) for g, s in _rows(tuple(shape), generator)]
+    return torch.cat(draws).to(device) if len(draws) > 1 else draws[0].to(device)
+
+
+def multinomial(probs: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Indices drawn with replacement from the distribution `probs` (on its device), drawn where the generator is."""
+    return torch.multinomial(probs.to(_source(generator)), num_samples, replacement=True,
+                             generator=generator).to(probs.device)
+
+
+def randperm(n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A random permutation of range(n) on the CPU (data order)."""
+    return torch.randperm(n, generator=generator, device=_source(generator)).cpu()

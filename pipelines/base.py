@@ -2,6 +2,7 @@
 denoiser, seeded noise, the sampling loop with progress and NaN checks, and decoding to images."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,6 +14,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm import checkpoints
+from ldm.config import check_number
+from ldm.device import check_device, check_dtype
 from ldm.diffusion import Denoiser
 from ldm.diffusion.config import DiffusionConfig
 from ldm.random import Generator
@@ -21,6 +24,15 @@ from ldm.sampling import (SAMPLERS, classifier_free_guidance, dynamic_thresholdi
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 THRESHOLDING = ("static", "dynamic")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What check_common resolved: negative prompts (or None), sampler, steps and guidance scale."""
+    negatives: Optional[list[str]]
+    sampler: str
+    num_inference_steps: int
+    guidance_scale: float
 
 
 @dataclass
@@ -32,23 +44,30 @@ class PipelineOutput:
 
 
 def check_prompts(prompt: Union[str, Sequence[str]], name: str = "prompt") -> list[str]:
+    """A string or a non-empty list of strings. The empty prompt (or one of only whitespace, read as empty) asks
+    for an unconditional sample, as in diffusers: models are trained with captions dropped to the empty one."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"{name} must be a non-empty string or a non-empty list of strings; got {prompt!r}")
+        raise ValueError(f"{name} must be a string or a non-empty list of strings; got {prompt!r}")
     for p in prompts:
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"{name} must contain only non-empty strings; got {p!r}")
-    return list(prompts)
+        if not isinstance(p, str):
+            raise ValueError(f"{name} must contain only strings; got {p!r}")
+    return [p if p.strip() else "" for p in prompts]
 
 
-def _check_number(name: str, value, low: float, high: float = float("inf"), low_open: bool = False,
-                  integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    ok = isinstance(value, kinds) and not isinstance(value, bool)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        raise ValueError(f"{name} must be {'an int' if integer else 'a number'} in {lo}{low}, {high}]; got {value!r}")
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes (negative seeds aside)
+
+
+def _memory_available(device: torch.device) -> Optional[int]:
+    """Bytes the device can hold at most (a GPU's total memory, the machine's RAM), None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+            return None
+    return None
 
 
 class LatentDiffusionPipeline:
@@ -63,9 +82,12 @@ class LatentDiffusionPipeline:
     # ---- loading and saving -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: Optional[Union[str, Path]] = None, *, prediction_type: Optional[str] = None,
-                        allow_pickle: bool = False, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                        allow_pickle: bool = False, dtype: torch.dtype = torch.float32,
+                        device: Union[str, torch.device] = "cpu"):
         """Load our folder format, a diffusers folder (model_index.json) or an original single-file SD
-        checkpoint (.safetensors; .ckpt only with allow_pickle=True). None loads the shipped default model."""
+        checkpoint (.safetensors; .ckpt only with allow_pickle=True). None loads the shipped default model.
+        device: "cpu", "cuda", "mps"; dtype: torch.float32, bfloat16 or float16."""
+        check_device(device), check_dtype(dtype)  # before reading gigabytes of weights
         parts = checkpoints.load_pipeline(path, prediction_type=prediction_type, allow_pickle=allow_pickle)
         pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.diffusion)
         return pipe.to(device, dtype)
@@ -94,6 +116,11 @@ class LatentDiffusionPipeline:
         self._lora_originals = {}
 
     def to(self, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None):
+        """Move every network to `device` ("cpu", "cuda", "cuda:1", "mps", ...) and optionally cast to `dtype`
+        (torch.float32, bfloat16 or float16)."""
+        device = check_device(device)
+        if dtype is not None:
+            check_dtype(dtype)
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
             module.eval()
@@ -133,10 +160,14 @@ class LatentDiffusionPipeline:
             return generator, None
         if seed is None:
             return None, None
+        low, high = SEED_RANGE
         seeds = [seed + k for k in range(batch)] if isinstance(seed, int) and not isinstance(seed, bool) else seed
         if not isinstance(seeds, (list, tuple)) or len(seeds) != batch or \
-                not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-            raise ValueError(f"seed must be an int or a list of {batch} ints (one per image); got {seed!r}")
+                not all(isinstance(s, int) and not isinstance(s, bool) and low <= s <= high for s in seeds):
+            raise ValueError(f"seed must be an int in [0, 2**64 - 1] (image k gets seed + k) or a list of {batch} "
+                             f"such ints, one per image; got {seed!r}")
+        # CPU generators whatever the device: noise is drawn on the CPU and moved (ldm.random), so a seed gives the
+        # same image on every device
         return [torch.Generator(device="cpu").manual_seed(s) for s in seeds], list(seeds)
 
     def denoiser(self, cond: torch.Tensor, cond_mask: torch.Tensor, uncond: Optional[torch.Tensor],
@@ -203,13 +234,15 @@ class LatentDiffusionPipeline:
         return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
     def check_common(self, prompts: list[str], negative_prompt, num_inference_steps, guidance_scale, sampler, eta,
-                     num_images_per_prompt, output_type) -> tuple[Optional[list[str]], str]:
-        """Validate the arguments every pipeline takes; returns the negative prompts (or None) and the sampler
-        (sampler=None is the model's default, `diffusion.sampler` in its folder)."""
-        _check_number("num_inference_steps", num_inference_steps, 1, self.schedule.num_timesteps, integer=True)
-        _check_number("guidance_scale", guidance_scale, 0)
-        _check_number("eta", eta, 0)
-        _check_number("num_images_per_prompt", num_images_per_prompt, 1, integer=True)
+                     num_images_per_prompt, output_type) -> Settings:
+        """Validate the arguments every pipeline takes. None for sampler, num_inference_steps or guidance_scale is
+        the model's own default, stored in its folder (`diffusion` in ldm_pipeline.json)."""
+        steps = self.diffusion.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = self.diffusion.guidance_scale if guidance_scale is None else guidance_scale
+        check_number("num_inference_steps", steps, 1, self.schedule.num_timesteps, integer=True)
+        check_number("guidance_scale", guidance, 0)
+        check_number("eta", eta, 0)
+        check_number("num_images_per_prompt", num_images_per_prompt, 1, integer=True)
         default = sampler is None
         sampler = self.diffusion.sampler if default else sampler
         if sampler not in SAMPLERS:
@@ -220,19 +253,33 @@ class LatentDiffusionPipeline:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
         if negative_prompt is None:
-            return None, sampler
+            return Settings(None, sampler, steps, guidance)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         if not isinstance(negatives, (list, tuple)) or len(negatives) != len(prompts) or \
                 not all(isinstance(n, str) for n in negatives):
             raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt); "
                              f"got {negative_prompt!r}")
-        return list(negatives), sampler
+        return Settings(list(negatives), sampler, steps, guidance)
+
+    def check_memory(self, batch: int, height: int, width: int) -> None:
+        """Refuse, before anything is allocated, a request whose decoding alone cannot fit in the device's memory:
+        the autoencoder's full-resolution activations (its first level's width x H x W, an input and an output
+        of a convolution, per image) are a lower bound of what decoding needs."""
+        available = _memory_available(self.device)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        needed = 2 * batch * self.vae.config.ch * self.vae.config.ch_mult[0] * height * width * itemsize
+        if available is not None and needed > available:
+            raise ValueError(f"{batch} image(s) of {height}x{width} need at least {needed / 2**30:.0f} GiB to decode "
+                             f"(the autoencoder's full-resolution activations in {str(self.dtype).split('.')[-1]}); "
+                             f"this {self.device.type} device has {available / 2**30:.0f} GiB. Ask for a smaller "
+                             "height/width or fewer images")
 
     def conditioning(self, prompts: list[str], negatives: Optional[list[str]], n: int, guidance_scale: float):
         """(cond, cond_mask, uncond, uncond_mask) for B = len(prompts) * n images; uncond is None without CFG
         (guidance_scale <= 1, as diffusers decides; a negative prompt is then not used)."""
         k = len(prompts)
-        guided = guidance_scale > 1.0
+        # unconditional samples (every prompt empty, no negative): both halves would be the same, so skip CFG
+        guided = guidance_scale > 1.0 and not (negatives is None and not any(prompts))
         # Both halves in one text-encoder call: one network pass instead of two, and with a chunked encoder both
         # get the same number of windows (encoded apart, a long prompt beside a short negative could not be batched).
         embeddings, masks = self.encode_prompts(prompts + ((negatives or [""]) if guided else []))

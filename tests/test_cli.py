@@ -50,3 +50,56 @@ def test_bench_refuses_bad_counts_by_name(flag, value, expected, capsys):
     with pytest.raises(SystemExit):  # argparse's usage error, before any model is loaded
         main(["bench", "shapes", flag, value])
     assert f"argument {flag}: {expected}" in capsys.readouterr().err
+
+
+def _refused(args, capsys, *words):
+    """One line on stderr, naming what was wrong, exit code 2, no traceback."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+
+
+def test_bad_files_and_paths_are_one_line_before_any_drawing(model_dir, tmp_path, capsys, monkeypatch):
+    from pipelines import ImageToImagePipeline, TextToImagePipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("drew images before checking its inputs")
+    for cls in (TextToImagePipeline, ImageToImagePipeline):
+        monkeypatch.setattr(cls, "__call__", never)
+    gen = ["generate", "x", "--model", model_dir, "--steps", "2"]
+    _refused(gen + ["-o", str(tmp_path / "out.xyz")], capsys, "-o/--output", ".png", "out.xyz")
+    _refused(gen + ["-o", str(tmp_path)], capsys, "is a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not __import__("os").access(locked, __import__("os").W_OK):  # root can write anywhere
+        _refused(gen + ["-o", str(locked / "sub" / "a.png")], capsys, "cannot write into")
+    _refused(["generate", "x", "--model", str(tmp_path / "nothing"), "-o", str(tmp_path / "a.png")], capsys,
+             "no model at")
+    (tmp_path / "not-an-image.png").write_text("hello")
+    img2img = ["img2img", "x", "--model", model_dir, "-o", str(tmp_path / "b.png"), "--image"]
+    _refused(img2img + [str(tmp_path / "not-an-image.png")], capsys, "--image", "not an image file")
+    _refused(img2img + [str(tmp_path / "missing.png")], capsys, "--image", "no such file")
+    _refused(gen + ["--device", "cuda:7", "-o", str(tmp_path / "c.png")], capsys, "cuda")
+    _refused(gen + ["--device", "gpu", "-o", str(tmp_path / "c.png")], capsys, "device must be")
+    monkeypatch.undo()
+    _refused(["generate", "x", "--model", model_dir, "--seed", str(2**70), "-o", str(tmp_path / "d.png")], capsys,
+             "seed", "2**64 - 1")
+    bad_index = tmp_path / "bad-diffusers"
+    bad_index.mkdir()
+    (bad_index / "model_index.json").write_text("{not json")
+    _refused(["generate", "x", "--model", str(bad_index), "-o", str(tmp_path / "e.png")], capsys,
+             "model_index.json", "not valid JSON")
+    truncated = tmp_path / "model.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    _refused(["generate", "x", "--model", str(truncated), "-o", str(tmp_path / "f.png")], capsys,
+             "model.safetensors", "not a readable safetensors file")
+
+
+def test_output_is_written_atomically(model_dir, tmp_path, capsys):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"the user's file")
+    assert main(["generate", "x", "--model", model_dir, "--steps", "2", "--height", "64", "--width", "64",
+                 "-o", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.png"]  # no temporary file left beside it

@@ -226,8 +226,48 @@ def test_nan_latents_are_reported_not_drawn(models):
         ours("x", num_inference_steps=3, seed=0, callback=poison)
 
 
+def test_the_empty_prompt_draws_unconditional_samples_as_diffusers(models):
+    """"" (and whitespace, read as "") is the unconditional sample; with no negative prompt both CFG halves would
+    be the same, so ours runs one U-Net half, and matches diffusers running both."""
+    style, theirs, ours, _ = models
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    kwargs = dict(num_inference_steps=8, guidance_scale=7.5, height=64, width=64, output_type="np")
+    expected = theirs(["", ""], generator=seeded([4, 5]), **kwargs).images
+    got = ours(["", "  \n"], seed=4, sampler="ddim", **kwargs)
+    assert np.abs(got.images - expected).max() < ATOL
+    calls = []
+    unet_forward = ours.unet.forward
+    ours.unet.forward = lambda x, *a, **k: calls.append(x.shape[0]) or unet_forward(x, *a, **k)
+    try:
+        ours("", seed=4, sampler="ddim", **kwargs)
+        ours("", negative_prompt="blurry", seed=4, sampler="ddim", **kwargs)
+    finally:
+        del ours.unet.forward
+    assert calls == [1] * 8 + [2] * 8  # unguided; a negative prompt still guides, in one batched call
+
+
+def test_defaults_come_from_the_model_folder(models, tmp_path):
+    """num_inference_steps / guidance_scale None: the folder's own (diffusers folders store none: 50 and 7.5)."""
+    _, _, ours, _ = models
+    assert (ours.diffusion.num_inference_steps, ours.diffusion.guidance_scale) == (50, 7.5)
+    mine = TextToImagePipeline(ours.unet, ours.vae, ours.text_encoder,
+                               dataclasses.replace(ours.diffusion, num_inference_steps=3, guidance_scale=2.0))
+    mine.progress = False
+    mine.save_pretrained(tmp_path / "m")
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "m")
+    loaded.progress = False
+    steps = []
+    image = loaded("a red circle", seed=0, output_type="np", callback=lambda i, t, x, p: steps.append(t)).images
+    assert len(steps) == 3
+    explicit = loaded("a red circle", seed=0, output_type="np", num_inference_steps=3, guidance_scale=2.0).images
+    assert np.array_equal(image, explicit)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        DiffusionConfig(num_inference_steps=0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        DiffusionConfig(guidance_scale=float("nan"))
+
+
 @pytest.mark.parametrize("kwargs,words", [
-    (dict(prompt=""), ["prompt", "non-empty"]),
     (dict(prompt=[]), ["prompt"]),
     (dict(prompt=["ok", 3]), ["prompt"]),
     (dict(prompt=None), ["prompt"]),
@@ -241,7 +281,11 @@ def test_nan_latents_are_reported_not_drawn(models):
     (dict(prompt="a", eta=0.5, sampler="dpmpp_2m"), ["eta", "ddim"]),
     (dict(prompt="a", output_type="jpg"), ["output_type", "pil"]),
     (dict(prompt="a", seed="7"), ["seed"]),
-    (dict(prompt="a", seed=[1, 2]), ["seed", "1 ints"]),
+    (dict(prompt="a", seed=[1, 2]), ["seed", "1 such ints"]),
+    (dict(prompt="a", seed=2**70), ["seed", "2**64 - 1"]),
+    (dict(prompt="a", seed=-1), ["seed", "[0, 2**64 - 1]"]),
+    (dict(prompt="a", guidance_scale=float("inf")), ["guidance_scale"]),
+    (dict(prompt="a", height=32768, width=32768), ["32768x32768", "GiB", "smaller"]),
     (dict(prompt="a", thresholding="soft"), ["thresholding"]),
     (dict(prompt="a", thresholding=0.9), ["thresholding"]),
     (dict(prompt="a", thresholding={"kind": "dynamic", "percentile": 2.0}), ["percentile", "(0, 1]"]),

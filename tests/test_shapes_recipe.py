@@ -100,14 +100,22 @@ def test_lr_decay_is_cosine_to_a_tenth():
     assert lr_decay(1000, 1000) == pytest.approx(0.1) and lr_decay(5000, 1000) == pytest.approx(0.1)
 
 
-def test_status_line_names_the_missed_targets():
-    from ldm.train.shapes import status_line
-    scores = {"seen": {"mean": 0.96}, "heldout": {"mean": 0.9}}
-    met = {"autoencoder_psnr_db": 36.0, "scores": scores, "seconds_batch_1": 0.2, "images_per_second_batch_32": 60}
-    assert status_line(met) == ""
-    line = status_line({**met, "autoencoder_psnr_db": 29.81, "images_per_second_batch_32": 4.5})
-    assert "autoencoder PSNR 29.8 dB (target >= 35 dB)" in line and "batch of 32 4.5 images/s" in line
-    assert "benchmark" not in line and "one image" not in line
+def test_model_cards_say_what_the_model_is_and_how_it_was_trained():
+    """The card template and the shipped cards: user-facing text (no project targets or issue numbers), what the
+    model draws, and the folder's own history under "How it was trained" (kept by export in HISTORY_FILE)."""
+    import string
+
+    from ldm.checkpoints import WEIGHTS_DIR
+    from ldm.train.shapes import HISTORY_FILE, MODEL_CARD, history_section
+    fields = {name for _, name, _, _ in string.Formatter().parse(MODEL_CARD) if name}
+    assert "history" in fields and "status" not in fields
+    assert history_section("") == "" and history_section("Two runs.\n").startswith("\n## How it was trained\n\nTwo runs.")
+    for folder in sorted(p for p in WEIGHTS_DIR.iterdir() if (p / "MODEL_CARD.md").is_file()):
+        card = (folder / "MODEL_CARD.md").read_text()
+        assert "target" not in card.lower() and "issue" not in card.lower(), folder.name
+        assert card.startswith(f"# {folder.name}: ") and "It draws nothing else" in card
+        history = (folder / HISTORY_FILE).read_text()
+        assert history_section(history) in card, folder.name
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "1.5", "many"])

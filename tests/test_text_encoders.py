@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import ByT5Tokenizer, CLIPTextModel, CLIPTokenizer
 
-from ldm.text import (CLIPEncoderConfig, CLIPTextEncoder, HFTextEncoder, OpenCLIPEncoderConfig, OpenCLIPTextEncoder,
-                      T5EncoderConfig, T5TextEncoder, TextEncoding, hf_to_openclip_text, hf_to_sd1_text_keys,
+from ldm.text import (BertTextEncoder, CLIPEncoderConfig, CLIPTextEncoder, HFTextEncoder, OpenCLIPEncoderConfig,
+                      OpenCLIPTextEncoder, T5EncoderConfig, T5TextEncoder, TextEncoding, hf_to_openclip_text, hf_to_sd1_text_keys,
                       load_text_encoder, openclip_text_to_hf, sd1_text_keys_to_hf)
 from ldm.text.base import CONFIG_NAME
 from ldm.text.clip import SD2
@@ -299,6 +299,20 @@ def test_minilm_embeddings_are_meaningful(minilm):
     assert similar > unrelated + 0.1
 
 
+def test_our_bert_matches_transformers_on_the_bundled_minilm(minilm):
+    """BertTextEncoder (plain torch, `tokenizers`) against transformers' BertModel + tokenizer, same weights."""
+    ours = BertTextEncoder.minilm(max_length=64)
+    prompts = ["a red circle", "An orange CIRCLE to the left of a cyan square, small!", "", "naïve café " * 3]
+    with torch.no_grad():
+        a, b = ours.encode(prompts), minilm.encode(prompts)
+    assert ours.token_ids(prompts) == minilm.token_ids(prompts) and torch.equal(a.mask, b.mask)
+    real = _close(a.embeddings[a.mask], b.embeddings[b.mask], atol=1e-5)
+    padded = _close(a.embeddings, b.embeddings, atol=1e-4)  # masked-out positions: masking arithmetic differs
+    pooled = _close(a.pooled, b.pooled, atol=1e-5)
+    print(f"BertTextEncoder vs transformers: tokens {real:.1e}, with padding {padded:.1e}, pooled {pooled:.1e}")
+    assert ours.special == minilm.special and ours.dim == minilm.dim == 384
+
+
 # ---------------------------------------------------------------- save / load
 
 
@@ -312,6 +326,7 @@ def _encoders(spm_file, sd1_tiny, minilm):
         "t5-spm": T5TextEncoder(dataclasses.replace(TINY_T5, tokenizer="sentencepiece", vocab_size=sp_size),
                                 spm_file=spm_file),
         "hf": minilm,
+        "bert": BertTextEncoder.minilm(max_length=32),
     }
 
 

@@ -155,6 +155,7 @@ BAD_CONFIGS = [
     (dict(sample_every=5), "sample_prompts must be at least one prompt"),
     (dict(sample_prompts=("ok", "")), "sample_prompts must be a list of non-empty strings"),
     (dict(data_dir=""), "data_dir must be a non-empty path"),
+    (dict(device="tpu"), "device must be None (a CUDA GPU if there is one, else the CPU), 'cpu', 'cuda' or 'mps'"),
 ]
 
 
@@ -218,11 +219,17 @@ def test_cli_flags_and_config_file(setup, tmp_path, capsys):
                                               "resolution": 32, "max_steps": 5, "learning_rate": 0.5,
                                               "batch_size": 2}))
     assert main(["train", "--config", str(file), "--steps", "1", "--lr", "2e-4", "--mode", "lora",
-                 "--lora-rank", "2", "--sample-prompt", "a", "--sample-prompt", "b", "--no-random-flip"]) == 0
+                 "--lora-rank", "2", "--sample-prompt", "a", "--sample-prompt", "b", "--no-random-flip",
+                 "--device", "cpu", "--dtype", "bfloat16"]) == 0
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "b" / "final"))
     saved = TrainConfig.from_dict(json.loads((tmp_path / "b" / "config.json").read_text()))
     assert (saved.max_steps, saved.learning_rate, saved.mode, saved.lora_rank, saved.batch_size,
-            saved.sample_prompts) == (1, 2e-4, "lora", 2, 2, ("a", "b"))
+            saved.sample_prompts, saved.device, saved.mixed_precision) == (1, 2e-4, "lora", 2, 2, ("a", "b"),
+                                                                           "cpu", "bf16")
+    if not torch.cuda.is_available():  # a device that is not here: one line before the first step
+        assert main(["train", "--config", str(file), "--output", str(tmp_path / "c"), "--device", "cuda"]) == 2
+        assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+        assert not (tmp_path / "c").exists()
 
 
 def test_killed_run_resumes_exactly(setup, tmp_path, one_thread):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
-import tempfile
 from numbers import Real
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +20,8 @@ import torch
 from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..files import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FORMATS = ("auto", "jsonl", "csv", "sidecar")
@@ -287,14 +287,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         meta = {"captions": self.captions, "caption_dropout": self.caption_dropout, "seed": self.seed,
                 "files": self.files, "info": self.info}
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={CACHE_METADATA_KEY: json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={CACHE_METADATA_KEY: json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> "CachedLatentDataset":

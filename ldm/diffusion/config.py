@@ -1,11 +1,12 @@
-"""How a model was trained to be sampled: schedule, parameterization, variance, default timestep spacing and
-the sampler its pipeline uses when the caller names none (diffusers keeps this as the scheduler class)."""
+"""How a model was trained to be sampled: schedule, parameterization, variance, default timestep spacing, and
+what its pipeline uses when the caller names none: the sampler (diffusers keeps this as the scheduler class),
+the number of steps and the guidance scale (diffusers' defaults, 50 and 7.5, where a folder stores none)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..config import JsonConfig
+from ..config import JsonConfig, check_number
 from ..sampling import SAMPLERS
 from . import parameterization as param
 from .schedule import SCHEDULE_ALIASES, SPACINGS, NoiseSchedule
@@ -31,6 +32,8 @@ class DiffusionConfig(JsonConfig):
     spacing: str = "trailing"
     steps_offset: int = 0
     sampler: str = "ddim"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", SCHEDULE_ALIASES.get(self.schedule, self.schedule))
@@ -40,6 +43,8 @@ class DiffusionConfig(JsonConfig):
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {self.spacing!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+        check_number("num_inference_steps", self.num_inference_steps, 1, self.num_timesteps, integer=True)
+        check_number("guidance_scale", self.guidance_scale, 0)
         self.build_schedule()  # validates the schedule name and length
 
     def build_schedule(self) -> NoiseSchedule:

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .. import random
 from . import parameterization as param
 from . import process
 from .denoiser import Denoiser, DenoiseFn, Prediction
@@ -74,7 +75,7 @@ def bits_per_dim(denoise: DenoiseFn, x0: Tensor, schedule: NoiseSchedule, varian
     terms = []
     for step in range(schedule.num_timesteps):
         t = torch.full((x0.shape[0],), step, dtype=torch.long, device=x0.device)
-        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        eps = random.randn(x0.shape, generator, x0.dtype, x0.device)
         x_t = process.q_sample(x0, eps, schedule.alpha_bar_at(t))
         terms.append(vlb_terms(denoise(x_t, t), x0, x_t, t, schedule, variance_type))
     terms = torch.stack(terms, dim=1)
@@ -106,7 +107,7 @@ def training_losses(denoiser: Denoiser, x0: Tensor, t: Tensor, noise: Optional[T
     if loss_type == "hybrid" and not denoiser.learns_variance:
         raise ValueError("loss_type='hybrid' needs variance_type 'learned' or 'learned_range'")
     schedule = denoiser.schedule
-    noise = torch.randn_like(x0) if noise is None else noise
+    noise = random.randn(x0.shape, None, x0.dtype, x0.device) if noise is None else noise
     alpha_bar = schedule.alpha_bar_at(t)
     x_t = process.q_sample(x0, noise, alpha_bar)
     output = denoiser.model(x_t, t, **cond)
@@ -140,7 +141,7 @@ class UniformSampler:
     def sample(self, batch_size: int, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
         """Returns (t [B] long, weights [B]) with E[weight * L_t] = mean_t L_t."""
         p = self.probabilities()
-        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        t = random.multinomial(p, batch_size, generator)
         weights = 1.0 / (self.num_timesteps * p[t])
         return t, weights.float()
 

@@ -302,7 +302,8 @@ class VectorQuantizer(nn.Module):
     def __init__(self, n_embed: int, embed_dim: int, beta: float):
         super().__init__()
         self.beta = beta
-        self.embedding = nn.Embedding(n_embed, embed_dim)
+        # initialised here, not by nn.Embedding's normal_, which on the meta device (loading) imports torch._dynamo
+        self.embedding = nn.Embedding(n_embed, embed_dim, _weight=torch.empty(n_embed, embed_dim))
         self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
         # Not in the state dict, so checkpoints keep the original keys; counted in training mode only.
         self.register_buffer("usage_counts", torch.zeros(n_embed, dtype=torch.long), persistent=False)

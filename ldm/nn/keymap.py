@@ -27,7 +27,12 @@ def rename_by_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: Mapping[s
 
 def load_exact(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
     """load_state_dict(strict=True) with a ValueError naming missing and unexpected keys and shape mismatches."""
-    own = module.state_dict()
+    load_exact_check(module.state_dict(), state_dict, what)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def load_exact_check(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """The ValueError of load_exact: missing and unexpected keys and shape mismatches, named."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     wrong = [f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}"
@@ -35,4 +40,18 @@ def load_exact(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], 
     if missing or unexpected or wrong:
         raise ValueError(f"{what} does not fit the model: missing {missing[:10]} ({len(missing)}), "
                          f"unexpected {unexpected[:10]} ({len(unexpected)}), shape mismatch {wrong[:10]}")
-    module.load_state_dict(state_dict, strict=True)
+
+
+def load_onto_meta(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """Give a module built on the meta device the loaded tensors themselves (load_state_dict with assign=True,
+    cast to the module's dtypes), checked as load_exact checks; non-persistent buffers, which no file holds (the
+    VQ codebook's usage counters), start at zero. No memory is allocated and filled twice, and no meta-tensor op
+    runs: `to_empty` would import sympy through torch's meta kernels, about 1 s of start-up."""
+    own = module.state_dict()
+    load_exact_check(own, state_dict, what)
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    for part in module.modules():
+        for name, buffer in part._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                part._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+    return module

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .base import EncoderConfig, TextEncoder, read_config, write_config
@@ -118,7 +118,7 @@ class CLIPTextEncoder(TextEncoder):
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor], config: CLIPEncoderConfig) -> CLIPTextEncoder:
         """Build from config and load HF-keyed weights (e.g. from convert.openclip_text_to_hf), strictly."""
         encoder = cls(config)
-        load_clip_text_weights(encoder.model, state_dict)
+        load_clip_text_weights(encoder.model, state_dict, "CLIP text weights")
         return encoder
 
     @classmethod
@@ -128,7 +128,14 @@ class CLIPTextEncoder(TextEncoder):
         hf_config = json.loads((folder / "text_encoder" / "config.json").read_text())
         with_projection = "CLIPTextModelWithProjection" in (hf_config.get("architectures") or [])
         model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        model = model_class.from_pretrained(folder / "text_encoder", local_files_only=local_files_only)
+        weights = folder / "text_encoder" / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing (a CLIP text encoder's weights, as safetensors)")
+        # Built from its config and loaded strictly, not by transformers' from_pretrained: that only prints a
+        # report for keys that do not fit (e.g. a transformers-5 layout read by transformers 4) and leaves those
+        # weights random. Both key layouts are read; any other mismatch is an error naming the keys.
+        model = model_class(CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=local_files_only))
+        load_clip_text_weights(model, load_file(str(weights)), str(weights))
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=local_files_only)
         saved = read_config(folder)
         if saved is not None:

@@ -11,6 +11,8 @@ import warnings
 import torch
 from torch import nn
 
+from ..nn.keymap import load_exact
+
 SD1_PREFIX = "cond_stage_model.transformer."
 SD2_PREFIX = "cond_stage_model.model."
 HF_PREFIX = "text_model."
@@ -50,8 +52,9 @@ def canonical_clip_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return {HF_PREFIX + k if k.startswith(_HF_ROOTS) else k: v for k, v in state_dict.items()}
 
 
-def load_clip_text_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Strict load of checkpoint-form HF CLIP text keys into a CLIPTextModel(WithProjection) of any transformers."""
+def load_clip_text_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load of checkpoint-form HF CLIP text keys into a CLIPTextModel(WithProjection) of any transformers;
+    keys that do not fit are a ValueError naming them and `what` (the file)."""
     state_dict = canonical_clip_keys(state_dict)
     state_dict.pop(POSITION_IDS, None)  # a non-persistent buffer in current transformers
     own = model.state_dict()
@@ -61,7 +64,7 @@ def load_clip_text_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]
     with_prefix = any(k.startswith(HF_PREFIX) for k in own)
     if not with_prefix:
         state_dict = {k[len(HF_PREFIX):] if k.startswith(HF_PREFIX) else k: v for k, v in state_dict.items()}
-    model.load_state_dict(state_dict, strict=True)
+    load_exact(model, state_dict, what)
 
 
 def openclip_text_to_hf(state_dict: dict[str, torch.Tensor], *, prefix: str = SD2_PREFIX,

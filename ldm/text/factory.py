@@ -1,20 +1,30 @@
 """Restore any saved text encoder from the kind named in its config json."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from .base import CONFIG_NAME, TextEncoder, read_config
-from .clip import CLIPTextEncoder
-from .hf import HFTextEncoder
-from .openclip import OpenCLIPTextEncoder
-from .t5 import T5TextEncoder
 
-ENCODERS: dict[str, type[TextEncoder]] = {
-    CLIPTextEncoder.kind: CLIPTextEncoder,
-    OpenCLIPTextEncoder.kind: OpenCLIPTextEncoder,
-    T5TextEncoder.kind: T5TextEncoder,
-    HFTextEncoder.kind: HFTextEncoder,
+# kind -> (module, class): a class is imported only when a folder of its kind is loaded, so loading a MiniLM
+# model never imports open_clip or T5's stack.
+ENCODER_KINDS: dict[str, tuple[str, str]] = {
+    "clip": ("clip", "CLIPTextEncoder"),
+    "openclip": ("openclip", "OpenCLIPTextEncoder"),
+    "t5": ("t5", "T5TextEncoder"),
+    "hf": ("hf", "HFTextEncoder"),
+    "bert": ("bert", "BertTextEncoder"),
 }
+
+
+def encoder_class(kind: str) -> type[TextEncoder]:
+    if kind not in ENCODER_KINDS:
+        raise ValueError(f"unknown text encoder kind {kind!r}; known: {sorted(ENCODER_KINDS)}")
+    module, name = ENCODER_KINDS[kind]
+    cls = getattr(importlib.import_module(f".{module}", __package__), name)
+    if cls.kind != kind:
+        raise RuntimeError(f"{name}.kind is {cls.kind!r}, registered as {kind!r}")
+    return cls
 
 
 def load_text_encoder(folder: str | Path, **overrides) -> TextEncoder:
@@ -23,7 +33,7 @@ def load_text_encoder(folder: str | Path, **overrides) -> TextEncoder:
     if saved is None:
         raise ValueError(f"{folder} has no {CONFIG_NAME}; was it written by a TextEncoder's save_pretrained?")
     kind = saved[0]
-    if kind not in ENCODERS:
+    if kind not in ENCODER_KINDS:
         raise ValueError(f"unknown text encoder kind {kind!r} in {Path(folder) / CONFIG_NAME}; "
-                         f"known: {sorted(ENCODERS)}")
-    return ENCODERS[kind].from_pretrained(folder, **overrides)
+                         f"known: {sorted(ENCODER_KINDS)}")
+    return encoder_class(kind).from_pretrained(folder, **overrides)

@@ -10,10 +10,12 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import ftfy
-import sentencepiece
-from transformers import CLIPTokenizer
+from ..files import write_text
+
+if TYPE_CHECKING:  # transformers, ftfy and sentencepiece are imported where used: each costs start-up time
+    from transformers import CLIPTokenizer
 
 # CLIP's BPE: 256 byte symbols, the same 256 with '</w>', 48894 merges, then the two special tokens.
 CLIP_NUM_MERGES = 49152 - 256 - 2
@@ -87,15 +89,6 @@ def _cache_root() -> Path:
         return Path(tempfile.gettempdir()) / "ldm-cache"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file and rename, so concurrent writers never leave half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 @lru_cache(maxsize=None)
 def clip_tokenizer_files(cache_dir: str | None = None) -> Path:
     """Folder holding vocab.json and merges.txt for CLIP's tokenizer, written once into the cache."""
@@ -104,8 +97,8 @@ def clip_tokenizer_files(cache_dir: str | None = None) -> Path:
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
     if not (vocab_path.is_file() and merges_path.is_file()):
         vocab, merges = clip_vocab_and_merges()
-        _write_atomic(vocab_path, json.dumps(vocab, ensure_ascii=False))
-        _write_atomic(merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")
+        write_text(vocab_path, json.dumps(vocab, ensure_ascii=False))
+        write_text(merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")
     return folder
 
 
@@ -121,12 +114,16 @@ def write_bpe_files(tokenizer: CLIPTokenizer, folder: str | os.PathLike) -> None
 
 def clip_tokenizer(pad_token: str = CLIP_EOS, max_length: int = 77) -> CLIPTokenizer:
     """A transformers CLIPTokenizer built offline; pad_token '<|endoftext|>' as SD1's, '!' as SD2's."""
+    from transformers import CLIPTokenizer
+
     return CLIPTokenizer.from_pretrained(
         str(clip_tokenizer_files()), pad_token=pad_token, model_max_length=max_length, local_files_only=True)
 
 
 def clean_clip_text(text: str) -> str:
     """CLIP's text cleaning before BPE: ftfy, html unescape twice, whitespace collapse, lower case."""
+    import ftfy
+
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).lower()
 
@@ -135,6 +132,8 @@ class SentencePieceTokenizer:
     """A SentencePiece model used as T5 uses it: pieces, then '</s>'; read with the sentencepiece package alone."""
 
     def __init__(self, model_file: str | os.PathLike):
+        import sentencepiece
+
         self.model_file = Path(model_file)
         self.processor = sentencepiece.SentencePieceProcessor(model_file=str(self.model_file))
         self.eos_token_id = self.processor.eos_id()

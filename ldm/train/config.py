@@ -13,6 +13,7 @@ MODES = ("full", "lora")
 LOSSES = ("simple", "hybrid", "vlb")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+DEVICES = (None, "cpu", "cuda", "mps")
 CROPS = ("center", "random")
 DATA_FORMATS = ("auto", "jsonl", "csv", "sidecar")
 LOGGERS = ("csv", "tensorboard")
@@ -60,6 +61,7 @@ class TrainConfig(JsonConfig):
     log: str = "csv"
     weight_decay: float = 1e-2
     num_workers: int = 0
+    device: Optional[str] = None
 
     def __post_init__(self):
         if isinstance(self.sample_prompts, list):
@@ -115,6 +117,8 @@ class TrainConfig(JsonConfig):
         self._require("cache_latents", not (self.cache_latents and (self.crop != "center" or self.random_flip)),
                "false with crop 'random' or random_flip (the cache holds one view per image)")
         self._require("warmup_steps", self.warmup_steps <= self.max_steps, f"at most max_steps ({self.max_steps})")
+        self._require("device", self.device in DEVICES, "None (a CUDA GPU if there is one, else the CPU), 'cpu', "
+                      "'cuda' or 'mps'")
 
     def _require(self, name: str, ok: Any, allowed: str) -> None:
         if not ok:

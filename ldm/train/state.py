@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import atomic_path
+
 
 def rng_state() -> dict[str, Any]:
     """Every global RNG, as tensors and plain Python values (loadable with weights_only=True)."""
@@ -28,12 +30,8 @@ def save_training_state(state: dict[str, Any], path: os.PathLike) -> None:
     """torch.save to a temporary file, fsync, then os.replace over the old checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(state, tmp)
 
 
 def load_training_state(path: os.PathLike) -> dict[str, Any]:

@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from ..checkpoints import load_pipeline, load_state_dict, read_json, save_pipeline, save_state_dict, write_json
+from ..device import check_device
 from ..diffusion import Denoiser, training_losses
-from ..random import randn
+from ..random import randint, randn
 from .config import TrainConfig
 from .ema import EMA
 from .state import load_training_state, rng_state, save_training_state, set_rng_state
@@ -101,10 +102,13 @@ class Trainer:
             raise ValueError(f"base_model {c.base_model!r} cannot be loaded: {err}") from err
         self._check_model(parts)
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if c.train_text_encoder else []
+        if c.device is not None:
+            check_device(c.device)  # a ValueError naming the device when it is not there
         # cpu=True is what makes accelerate run several CPU processes (torchrun, gloo) as one job, not as copies
+        on_cpu = c.device == "cpu" or (c.device is None and not torch.cuda.is_available())
         acc = self.acc = Accelerator(gradient_accumulation_steps=c.gradient_accumulation_steps,
                                      mixed_precision=c.mixed_precision, log_with=None, kwargs_handlers=handlers,
-                                     cpu=not torch.cuda.is_available())
+                                     cpu=on_cpu)
         if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
             raise ValueError(f"distributed_type {acc.distributed_type.name} shards weights or optimizer state, and "
                              "this trainer's checkpoints assume every process holds them whole: use DDP (MULTI_GPU)")
@@ -235,7 +239,8 @@ class Trainer:
     def _loss(self, batch: dict, micro: int) -> torch.Tensor:
         c, device = self.config, self.acc.device
         first = self.acc.process_index * c.batch_size
-        gens = [torch.Generator(device).manual_seed(derived_seed(c.seed, "sample", micro, first + i))
+        # CPU generators on every device: the same seed draws the same noise and timesteps on a GPU
+        gens = [torch.Generator().manual_seed(derived_seed(c.seed, "sample", micro, first + i))
                 for i in range(c.batch_size)]
         if "latents" in batch:
             x0 = batch["latents"].to(device)
@@ -246,8 +251,7 @@ class Trainer:
                 x0 = self.vae.encode(pixels, generator=gens).float()
             cond = {"captions": list(batch["caption"])}
         noise = randn(x0.shape, gens, x0.dtype, device)
-        t = torch.cat([torch.randint(0, self.denoiser.schedule.num_timesteps, (1,), generator=g, device=device)
-                       for g in gens])
+        t = randint(self.denoiser.schedule.num_timesteps, (len(gens),), gens, device)
         losses = training_losses(self.denoiser, x0, t, noise, loss_type=c.loss, snr_gamma=c.snr_gamma, **cond)
         return losses["loss"].mean()
 

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..random import randperm
+
 CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 
 
@@ -21,7 +23,7 @@ def derived_seed(*parts) -> int:
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch))).tolist()
+    return randperm(n, torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch))).tolist()
 
 
 def lr_lambda(kind: str, warmup: int, total: int):

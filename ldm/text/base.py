@@ -1,6 +1,7 @@
 """The one text-encoder interface: prompts -> per-token embeddings, their mask and an optional pooled vector."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -71,6 +72,20 @@ class TextEncoder(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = config
+
+    @classmethod
+    def folder_layout(cls, folder: Path, config_cls: type, overrides: dict) -> tuple[Any, Path, Path]:
+        """(config, model folder, tokenizer folder) of a transformers-style folder: one save_pretrained wrote (our
+        config json, text_encoder/ and tokenizer/; refused if of another kind) or a plain one (the config's
+        defaults; model and tokenizer files in the folder itself). overrides replace config fields."""
+        saved = read_config(folder)
+        if saved is not None and saved[0] != cls.kind:
+            raise ValueError(f"{folder} holds a {saved[0]!r} text encoder, not {cls.kind!r}")
+        config = config_cls.from_dict(saved[1]) if saved is not None else config_cls()
+        config = dataclasses.replace(config, **overrides)
+        if saved is None:
+            return config, folder, folder
+        return config, folder / "text_encoder", folder / "tokenizer"
 
     @property
     def max_length(self) -> int:

@@ -6,7 +6,6 @@ encodes prompts without importing transformers, which costs about a second of st
 `tests/test_text_encoders.py` checks it against BertModel on the bundled weights."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..nn.keymap import load_onto_meta
-from .base import EncoderConfig, TextEncoder, read_config, write_config
+from .base import EncoderConfig, TextEncoder, write_config
 from .tokenizers import SpecialTokens
 
 NETWORK_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -133,14 +132,7 @@ class BertTextEncoder(TextEncoder):
         """A transformers BERT folder (config.json, model.safetensors, tokenizer.json) or one save_pretrained wrote."""
         from tokenizers import Tokenizer
 
-        folder = Path(folder)
-        saved = read_config(folder)
-        if saved is not None and saved[0] != cls.kind:
-            raise ValueError(f"{folder} holds a {saved[0]!r} text encoder, not {cls.kind!r}")
-        config = BertEncoderConfig.from_dict(saved[1]) if saved is not None else BertEncoderConfig()
-        config = dataclasses.replace(config, **overrides)
-        model_dir, tokenizer_dir = ((folder / "text_encoder", folder / "tokenizer") if saved is not None
-                                    else (folder, folder))
+        config, model_dir, tokenizer_dir = cls.folder_layout(Path(folder), BertEncoderConfig, overrides)
         for needed in (model_dir / "config.json", model_dir / "model.safetensors", tokenizer_dir / "tokenizer.json"):
             if not needed.is_file():
                 raise FileNotFoundError(f"{needed} is missing; a BERT folder needs config.json, model.safetensors "

@@ -1,14 +1,13 @@
 """Plain transformers encoders (BERT, MiniLM, ...): AutoModel + AutoTokenizer from a local folder."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
-from .base import EncoderConfig, TextEncoder, read_config, write_config
+from .base import EncoderConfig, TextEncoder, write_config
 from .tokenizers import SpecialTokens
 
 
@@ -41,14 +40,7 @@ class HFTextEncoder(TextEncoder):
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, local_files_only: bool = True, **overrides) -> HFTextEncoder:
         """Load a model folder (config.json + weights + tokenizer files) or one written by save_pretrained."""
-        folder = Path(folder)
-        saved = read_config(folder)
-        if saved is not None and saved[0] != cls.kind:
-            raise ValueError(f"{folder} holds a {saved[0]!r} text encoder, not {cls.kind!r}")
-        config = HFEncoderConfig.from_dict(saved[1]) if saved is not None else HFEncoderConfig()
-        config = dataclasses.replace(config, **overrides)
-        model_dir, tokenizer_dir = ((folder / "text_encoder", folder / "tokenizer") if saved is not None
-                                    else (folder, folder))
+        config, model_dir, tokenizer_dir = cls.folder_layout(Path(folder), HFEncoderConfig, overrides)
         model = AutoModel.from_pretrained(model_dir, local_files_only=local_files_only)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=local_files_only)
         return cls(config, model, tokenizer)

@@ -42,9 +42,11 @@ def randint(high: int, shape: Sequence[int], generator: Generator = None,
     return torch.cat(draws).to(device) if len(draws) > 1 else draws[0].to(device)
 
 
-def multinomial(probs: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Indices drawn with replacement from the distribution `probs` (on its device), drawn where the generator is."""
-    return torch.multinomial(probs.to(_source(generator)), num_samples, replacement=True,
+def multinomial(probs: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None,
+                replacement: bool = True) -> torch.Tensor:
+    """Indices drawn from the distribution `probs` (on its device), with replacement unless told otherwise; drawn
+    where the generator is."""
+    return torch.multinomial(probs.to(_source(generator)), num_samples, replacement=replacement,
                              generator=generator).to(probs.device)
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from ldm.nn.autoencoder import Autoencoder
-from ldm.train.shapes import AE_CONFIGS, kmeans, to_tensor, vq_from_kl
+from ldm.data.images import to_model_range
+from ldm.nn.vq_init import kmeans
+from ldm.train.shapes import AE_CONFIGS, vq_from_kl
 from ldm.data.shapes import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +41,7 @@ def test_vq_from_kl_encodes_exactly_the_kl_mean():
     vq = Autoencoder(dataclasses.replace(AE_CONFIGS["vq"], **small)).eval()
     vq_from_kl(vq, kl.state_dict(), num_images=8)
     images, _ = make_batch(4, seed=1, size=64)
-    x = to_tensor(images)
+    x = to_model_range(images)
     with torch.no_grad():
         mean = kl.posterior(x).mode()
         pre = vq._moments(x)
@@ -124,7 +126,7 @@ def test_total_steps_must_be_a_positive_integer(tmp_path, value, capsys):
     for command in (["autoencoder"], ["unet", "--ae", "shapes-64"]):
         with pytest.raises(SystemExit):
             main(command + ["--run", str(tmp_path / "run"), "--total-steps", value])
-        assert "--total-steps: expected a positive integer" in capsys.readouterr().err
+        assert "argument --total-steps: expected an integer" in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
 
 
@@ -266,7 +268,7 @@ def test_a_unet_exported_unchanged_needs_an_autoencoder_that_encodes_alike(tmp_p
     out = with_latents_of(tuned, reference, "--ae runs/dec", tmp_path / "shapes-64")
     assert out.config.scaling_factor == 1.13309
     assert torch.equal(out.decoder.conv_out.weight, tuned.decoder.conv_out.weight)
-    x = to_tensor(make_batch(2, seed=0, size=64)[0])
+    x = to_model_range(make_batch(2, seed=0, size=64)[0])
     with torch.no_grad():
         assert torch.equal(out.encode(x, sample=False), reference.encode(x, sample=False))
         tuned.encoder.conv_in.bias[0].add_(0.05)

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..files import atomic_path
+from .images import to_model_range
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FORMATS = ("auto", "jsonl", "csv", "sidecar")
@@ -222,8 +223,7 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
         img = img.crop((left, top, left + r, top + r))
         if self.random_flip and item_rng(self.seed, epoch, i, FLIP_STREAM).random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(x.transpose(2, 0, 1).copy())
+        return to_model_range(np.asarray(img))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = _wrap_index(i, len(self))

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .images import to_model_range
+
 COLORS = {
     "red": (230, 25, 25), "green": (25, 180, 25), "blue": (25, 60, 230), "yellow": (240, 220, 20),
     "purple": (150, 40, 200), "orange": (250, 130, 0), "cyan": (0, 200, 220), "pink": (250, 110, 180),
@@ -446,5 +448,4 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         scene, text = self.scene(index)
-        image = torch.from_numpy(render(scene, self.size)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return image, text
+        return to_model_range(render(scene, self.size)), text

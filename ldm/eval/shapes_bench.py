@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..data.images import to_model_range, to_uint8
 from .shapes_eval import SPLITS, benchmark_prompts, evaluate, format_table, ground_truth, score
 
 
@@ -45,11 +46,10 @@ def autoencoder_ceiling(vae, per_task: int = 36, splits=SPLITS, seed: int = 0, b
     scores = {}
     for split in splits:
         prompts = benchmark_prompts(split, per_task=per_task, seed=seed)
-        x = torch.from_numpy(np.stack([ground_truth(p, size) for p in prompts])).permute(0, 3, 1, 2).float()
-        x = x / 127.5 - 1
+        x = to_model_range(np.stack([ground_truth(p, size) for p in prompts]))
         with torch.no_grad():
             rec = torch.cat([vae.decode(vae.encode(x[i:i + batch_size], sample=False))
                              for i in range(0, len(x), batch_size)])
-        images = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        images = to_uint8(rec)
         scores[split] = score([(p, evaluate(image, p.expectation)) for p, image in zip(prompts, images)])
     return scores

@@ -25,11 +25,15 @@ import numpy as np
 import torch
 
 from ..checkpoints import PIPELINE_FILE, load_component, resolve, save_pipeline
+from ..cli import int_at_least
+from ..data.images import to_model_range
 from ..data.shapes import example, make_batch
 from ..diffusion import Denoiser, UniformSampler, training_losses
 from ..diffusion.config import DiffusionConfig
+from ..eval.metrics import psnr
 from ..nn.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderOutput
 from ..nn.unet import UNetConfig, UNetModel, load_shallower
+from ..nn.vq_init import fold_kl_encoder, kmeans
 from ..text import HFTextEncoder
 from .ema import EMA
 from .state import load_training_state, rng_state, save_training_state, set_rng_state
@@ -50,17 +54,6 @@ DIFFUSION = DiffusionConfig(schedule="cosine", prediction_type="v", spacing="tra
                             num_inference_steps=20, guidance_scale=3.0)
 SAMPLER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "ddpm": "DDPM", "langevin": "Langevin"}
 TEXT_MAX_LENGTH = 24  # the longest shapes caption is 20 MiniLM tokens
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1], measured on [0, 1] with 8-bit quantization of the reconstruction."""
-    a = ((x.clamp(-1, 1) + 1) * 127.5).round() / 255
-    b = ((y.clamp(-1, 1) + 1) * 127.5).round() / 255
-    return float(10 * torch.log10(1 / (a - b).pow(2).mean()))
 
 
 def hardware() -> str:
@@ -200,12 +193,12 @@ def train_autoencoder(args: argparse.Namespace) -> None:
               flush=True)
     reg_weight = args.reg_weight if args.reg_weight is not None else {"kl": 1e-6, "vq": 1.0}[args.kind]
     val_images, _ = make_batch(256, seed=10**6, size=64)
-    val = to_tensor(val_images)
+    val = to_model_range(val_images)
     start = time.time()
     # the learning rate is 0 from --total-steps on (cosine to 0), so the run ends there or at --minutes
     while not run.out_of_time() and step < args.total_steps:
         images, _ = make_batch(args.batch, seed=args.seed * 10**7 + step, size=64)
-        x = to_tensor(images)
+        x = to_model_range(images)
         if args.decoder_only:
             with torch.no_grad():
                 z = model.encode(x, sample=False)  # posterior mean (VQ: pre-quantization): what a U-Net trains on
@@ -287,54 +280,19 @@ def autoencoder_history(source: Path) -> dict:
             "autoencoder_minutes": before["autoencoder_minutes"] + st["elapsed"] / 60}
 
 
-def kmeans(points: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
-    """k centers of [N, D] points by Lloyd's algorithm from k-means++-style seeding on a subsample; an empty
-    cluster is re-seeded at the point farthest from its center."""
-    g = torch.Generator().manual_seed(seed)
-    centers = points[torch.randperm(len(points), generator=g)[:1]]
-    sample = points[torch.randperm(len(points), generator=g)[:20 * k]]
-    while len(centers) < k:  # k-means++ seeding, 64 centers at a time
-        d = torch.cdist(sample, centers).min(dim=1).values.pow(2)
-        centers = torch.cat([centers, sample[torch.multinomial(d + 1e-12, min(64, k - len(centers)), generator=g)]])
-    for _ in range(iters):
-        dist = torch.cdist(points, centers)
-        nearest = dist.argmin(dim=1)
-        sums = torch.zeros_like(centers).index_add_(0, nearest, points)
-        counts = torch.bincount(nearest, minlength=k).unsqueeze(1)
-        empty = counts.squeeze(1) == 0
-        centers = torch.where(counts > 0, sums / counts.clamp(min=1), centers)
-        if empty.any():
-            far = dist.gather(1, nearest[:, None]).squeeze(1).topk(int(empty.sum())).indices
-            centers[empty] = points[far]
-    return centers
-
-
 def vq_from_kl(vq: Autoencoder, kl_state: dict, seed: int = 0, num_images: int = 4096) -> None:
-    """Start a VQ autoencoder from a trained KL one (same widths, z_channels == embed_dim): the KL encoder's
-    mean path folded into the VQ encoder, so the pre-quantization latent equals the KL posterior mean exactly,
-    and the codebook set by k-means on those latents. Fine-tuning then only has to absorb the quantization
-    error, not learn an image code from scratch."""
-    c = vq.config
-    if c.z_channels != c.embed_dim:
-        raise ValueError("vq_from_kl needs z_channels == embed_dim")
-    moments = kl_state.get("quant_conv.weight")
-    if moments is None or moments.shape[0] != 2 * c.embed_dim or autoencoder_kind(kl_state) == "vq":
-        raise ValueError(f"kl_state must be a KL autoencoder's state dict (quant_conv with 2 x {c.embed_dim} "
-                         "outputs: mean and log-variance, no codebook)")
-    state = {k: v for k, v in kl_state.items() if not k.startswith(("encoder.conv_out.", "quant_conv."))}
-    # KL: moments = Wq (Wo * h + bo) + bq with Wo: 3x3 conv to 2z channels, Wq: 1x1 conv 2z -> 2e. The mean is
-    # the first e rows of that composition, itself one 3x3 conv; the VQ quant_conv becomes the identity.
-    wq = kl_state["quant_conv.weight"][:c.embed_dim, :, 0, 0]
-    state["encoder.conv_out.weight"] = torch.einsum("ij,jkxy->ikxy", wq, kl_state["encoder.conv_out.weight"])
-    state["encoder.conv_out.bias"] = wq @ kl_state["encoder.conv_out.bias"] + kl_state["quant_conv.bias"][:c.embed_dim]
-    state["quant_conv.weight"] = torch.eye(c.embed_dim)[:, :, None, None]
-    state["quant_conv.bias"] = torch.zeros(c.embed_dim)
+    """Start a VQ autoencoder from a trained KL one (ldm.nn.vq_init): the KL encoder's mean path folded in, so the
+    pre-quantization latent equals the KL posterior mean exactly, and the codebook set by k-means on those
+    latents of `num_images` shapes scenes."""
+    if autoencoder_kind(kl_state) == "vq":
+        raise ValueError("kl_state must be a KL autoencoder's state dict, not a VQ one")
+    state = fold_kl_encoder(kl_state, vq.config)
     images, _ = make_batch(num_images, seed=seed * 10**7 + 5 * 10**6, size=64)
     vq.load_state_dict({**state, "quantize.embedding.weight": vq.quantize.embedding.weight})
     with torch.no_grad():
-        z = torch.cat([vq._moments(to_tensor(images[i:i + 512])) for i in range(0, num_images, 512)])
-        vq.quantize.embedding.weight.copy_(kmeans(z.permute(0, 2, 3, 1).reshape(-1, c.embed_dim), c.n_embed,
-                                                  seed=seed))
+        z = torch.cat([vq._moments(to_model_range(images[i:i + 512])) for i in range(0, num_images, 512)])
+        vq.quantize.embedding.weight.copy_(kmeans(z.permute(0, 2, 3, 1).reshape(-1, vq.config.embed_dim),
+                                                  vq.config.n_embed, seed=seed))
 
 
 def foreground_weight(x: torch.Tensor, fg_weight: float) -> torch.Tensor:
@@ -360,7 +318,7 @@ def load_autoencoder(folder: str) -> Autoencoder:
     model.eval()
     images, _ = make_batch(512, seed=2 * 10**6, size=64)
     with torch.no_grad():
-        z = model.encode(to_tensor(images), sample=False)
+        z = model.encode(to_model_range(images), sample=False)
     return rescaled(model, scaling_factor=round(1 / z.std().item(), 5))
 
 
@@ -411,7 +369,7 @@ def prepare_latents(args: argparse.Namespace, folder: Path, ae: Autoencoder) -> 
         for start in range(0, args.num_images, 1024):
             n = min(1024, args.num_images - start)
             images, _ = make_batch(n, seed=args.seed, size=64, start=start)
-            latents.append(ae.encode(to_tensor(images), sample=False))
+            latents.append(ae.encode(to_model_range(images), sample=False))
     data = {"latents": torch.cat(latents)}
     save_training_state(data, path)
     print(f"encoded {args.num_images} images in {time.time() - t0:.0f} s", flush=True)
@@ -542,17 +500,6 @@ def train_unet(args: argparse.Namespace) -> None:
                       **({"prior": prior} if prior else {})})
 
 
-def positive_int(text: str) -> int:
-    """argparse type for step counts: an integer >= 1 (a learning-rate schedule over 0 steps divides by zero)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
-    return value
-
-
 def lr_decay(step: int, total_steps) -> float:
     """Cosine from 1 down to 0.1 over total_steps, then 0.1 (1 throughout when total_steps is None): ending a run
     on a low rate is what lets the weights settle."""
@@ -634,7 +581,7 @@ def with_latents_of(ae: Autoencoder, reference: Autoencoder, flag: str, folder: 
     means; for VQ the pre-quantization latents) of a fixed batch of scenes, to 1e-4. A decoder-only fine-tune of
     reference gives them exactly, a VQ autoencoder folded from it and trained decoder-only (--init-from-kl
     --decoder-only) to float rounding (~1e-5)."""
-    x = to_tensor(make_batch(16, seed=4 * 10**6, size=64)[0])
+    x = to_model_range(make_batch(16, seed=4 * 10**6, size=64)[0])
     with torch.no_grad():
         ours, theirs = (rescaled(m, scaling_factor=1.0, shift_factor=None).encode(x, sample=False)
                         for m in (ae, reference))
@@ -737,7 +684,7 @@ def write_model_card(args: argparse.Namespace, history: dict, narrative: str) ->
     pipe = TextToImagePipeline.from_pretrained(out)
     pipe.progress = False
     test_images, _ = make_batch(512, seed=3 * 10**6, size=64)
-    x = to_tensor(test_images)
+    x = to_model_range(test_images)
     with torch.no_grad():
         rec = torch.cat([pipe.vae.decode(pipe.vae.encode(x[i:i + 128], sample=False)) for i in range(0, 512, 128)])
     ae_psnr = psnr(rec, x)
@@ -873,7 +820,7 @@ def main(argv=None) -> None:
     ae.add_argument("--minutes", type=float, default=20)
     ae.add_argument("--batch", type=int, default=32)
     ae.add_argument("--lr", type=float, default=4e-4)
-    ae.add_argument("--total-steps", type=positive_int, default=20000, help="decay the learning rate (cosine, to 0) "
+    ae.add_argument("--total-steps", type=int_at_least(1), default=20000, help="decay the learning rate (cosine, to 0) "
                     "over this many steps of the run, and stop there (or at --minutes, whichever comes first)")
     ae.add_argument("--reg-weight", type=float, default=None, help="weight of the KL term (default 1e-6) or of the "
                     "VQ codebook + commitment loss (default 1)")
@@ -893,7 +840,7 @@ def main(argv=None) -> None:
     un.add_argument("--batch", type=int, default=64)
     un.add_argument("--lr", type=float, default=5e-4)
     un.add_argument("--ema", type=float, default=0.998)
-    un.add_argument("--total-steps", type=positive_int, default=None, help="decay the learning rate (cosine, to 0.1x) over "
+    un.add_argument("--total-steps", type=int_at_least(1), default=None, help="decay the learning rate (cosine, to 0.1x) over "
                     "this many steps; default: constant")
     un.add_argument("--cfg-dropout", type=float, default=0.1)
     un.add_argument("--num-images", type=int, default=30_000)

@@ -13,7 +13,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import platform
 import re
 import sys
@@ -37,6 +36,7 @@ from ..nn.vq_init import fold_kl_encoder, kmeans
 from ..text import HFTextEncoder
 from .ema import EMA
 from .state import load_training_state, rng_state, save_training_state, set_rng_state
+from .trainer_utils import cosine_decay
 
 # 64x64x3 -> 8x8x8 latents (f=8): small enough that the U-Net runs at 8x8, which is what makes CPU sampling fast.
 AE_CONFIGS = {
@@ -208,7 +208,7 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         rec = out.reconstruction
         weight = foreground_weight(x, args.fg_weight)
         loss = (weight * ((rec - x).abs() + (rec - x).pow(2))).mean() + reg_weight * out.reg_loss
-        lr = args.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * min(1.0, step / args.total_steps))))
+        lr = args.lr * min(1.0, (step + 1) / 200) * cosine_decay(step / args.total_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -503,9 +503,7 @@ def train_unet(args: argparse.Namespace) -> None:
 def lr_decay(step: int, total_steps) -> float:
     """Cosine from 1 down to 0.1 over total_steps, then 0.1 (1 throughout when total_steps is None): ending a run
     on a low rate is what lets the weights settle."""
-    if total_steps is None:
-        return 1.0
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+    return 1.0 if total_steps is None else cosine_decay(step / total_steps, floor=0.1)
 
 
 def plot_curve(log_csv: Path, column: str, png: Path, title: str) -> None:

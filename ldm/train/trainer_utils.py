@@ -26,13 +26,19 @@ def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
     return randperm(n, torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch))).tolist()
 
 
+def cosine_decay(progress: float, floor: float = 0.0) -> float:
+    """A half cosine from 1 at progress 0 down to `floor` at progress 1, and `floor` after (Loshchilov & Hutter
+    2017, one cycle without restarts)."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def lr_lambda(kind: str, warmup: int, total: int):
     """LR factor at optimizer step s: linear warmup to 1 over `warmup` steps, then constant, cosine or linear decay."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return {"constant": 1.0, "cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1.0 - progress}[kind]
+        return {"constant": 1.0, "cosine": cosine_decay(progress), "linear": 1.0 - progress}[kind]
     return factor
 
 

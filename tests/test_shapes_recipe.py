@@ -82,16 +82,35 @@ def test_training_source_takes_a_run_or_a_model_folder(tmp_path):
         training_source("--ae", str(tmp_path / "empty"))
 
 
-def test_model_history_reads_figures_and_commands(tmp_path):
-    from ldm.train.shapes import model_history
-    (tmp_path / "benchmark.json").write_text('{"unet_steps": 6303, "unet_minutes": 112.3, "autoencoder_steps": 4446}')
-    (tmp_path / "MODEL_CARD.md").write_text("# m\n\n## Reproduce\nruns:\n\n```\n2026-11-25 01:53  python -m ldm.train."
-                                            "shapes autoencoder --run runs/ae\n\npython -m ldm.train.shapes export "
-                                            "--ae runs/ae --unet runs/unet --out w\n```\n")
+def test_model_history_reads_the_structured_record_not_the_card(tmp_path):
+    from ldm.train.shapes import TRAINING_FILE, model_history
+    (tmp_path / TRAINING_FILE).write_text(json.dumps({
+        "unet_steps": 6303, "unet_minutes": 112.3, "autoencoder_steps": 4446, "unet_scenes": 100000,
+        "unet_captions": 55298, "commands": ["2026-11-25 01:53  python -m ldm.train.shapes autoencoder --run runs/ae"]}))
+    (tmp_path / "MODEL_CARD.md").write_text("## Reproduce\n\n```\nnot read: the card is rendered, never parsed\n```\n")
     history = model_history(tmp_path)
     assert history["unet_steps"] == 6303 and history["unet_minutes"] == 112.3
     assert history["autoencoder_steps"] == 4446 and history["autoencoder_minutes"] == 0  # absent: 0
     assert history["commands"] == "2026-11-25 01:53  python -m ldm.train.shapes autoencoder --run runs/ae"
+    assert history["unet_data"] == [100000, 55298]
+    (tmp_path / TRAINING_FILE).unlink()  # a folder not made by the recipe counts as untrained
+    assert (model_history(tmp_path)["unet_steps"], model_history(tmp_path)["commands"]) == (0, "")
+
+
+def test_shipped_cards_are_rendered_from_their_folders(tmp_path):
+    """Each shipped MODEL_CARD.md is exactly what `python -m ldm.train.shapes card` renders from training.json,
+    the configs and training_history.md; and the command rewrites it."""
+    import shutil
+
+    from ldm.checkpoints import WEIGHTS_DIR
+    from ldm.train.shapes import main, render_model_card
+    for name in ("shapes-64", "shapes-64-vq"):
+        assert render_model_card(WEIGHTS_DIR / name) == (WEIGHTS_DIR / name / "MODEL_CARD.md").read_text(), name
+    copy = tmp_path / "shapes-64"
+    shutil.copytree(WEIGHTS_DIR / "shapes-64", copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    (copy / "MODEL_CARD.md").write_text("stale")
+    main(["card", "--model", str(copy)])
+    assert (copy / "MODEL_CARD.md").read_text() == (WEIGHTS_DIR / "shapes-64" / "MODEL_CARD.md").read_text()
 
 
 def test_lr_decay_is_cosine_to_a_tenth():
@@ -108,7 +127,7 @@ def test_model_cards_say_what_the_model_is_and_how_it_was_trained():
     import string
 
     from ldm.checkpoints import WEIGHTS_DIR
-    from ldm.train.shapes import HISTORY_FILE, MODEL_CARD, history_section
+    from ldm.train.shapes_card import HISTORY_FILE, MODEL_CARD, history_section
     fields = {name for _, name, _, _ in string.Formatter().parse(MODEL_CARD) if name}
     assert "history" in fields and "status" not in fields
     assert history_section("") == "" and history_section("Two runs.\n").startswith("\n## How it was trained\n\nTwo runs.")
@@ -276,16 +295,6 @@ def test_a_unet_exported_unchanged_needs_an_autoencoder_that_encodes_alike(tmp_p
         with_latents_of(tuned, reference, "--ae runs/dec", tmp_path / "shapes-64")
 
 
-def test_model_history_reads_the_unet_data_from_the_card_or_the_figures(tmp_path):
-    from ldm.train.shapes import model_history
-    (tmp_path / "benchmark.json").write_text('{"unet_steps": 36624}')
-    (tmp_path / "MODEL_CARD.md").write_text("## Data\nof scenes every step. U-Net: 60000 scenes\n(35807 distinct "
-                                            "captions) encoded once\n")
-    assert model_history(tmp_path)["unet_data"] == [60000, 35807]  # a card written before benchmark.json held them
-    (tmp_path / "benchmark.json").write_text('{"unet_scenes": 100000, "unet_captions": 55298}')
-    assert model_history(tmp_path)["unet_data"] == [100000, 55298]
-
-
 def test_training_history_of_a_unet_exported_unchanged_from_a_model_folder(tmp_path):
     """export --ae <decoder-only run> --unet shapes-64: the U-Net's steps, minutes, data and curve are the folder's;
     the new autoencoder run adds its steps and its command after the folder's commands."""
@@ -295,10 +304,9 @@ def test_training_history_of_a_unet_exported_unchanged_from_a_model_folder(tmp_p
     folder = tmp_path / "shapes-64"
     (folder / "unet").mkdir(parents=True)
     (folder / "ldm_pipeline.json").write_text("{}")
-    (folder / "benchmark.json").write_text('{"unet_steps": 36624, "unet_minutes": 321.0, "autoencoder_steps": 10627,'
-                                           ' "unet_scenes": 60000, "unet_captions": 35807}')
-    (folder / "MODEL_CARD.md").write_text("## Reproduce\n\n```\n01:53  autoencoder --run runs/ae\n02:36  unet --run "
-                                          "runs/unet\npython -m ldm.train.shapes export --ae a --unet u --out w\n```\n")
+    (folder / "training.json").write_text(json.dumps({
+        "unet_steps": 36624, "unet_minutes": 321.0, "autoencoder_steps": 10627, "unet_scenes": 60000,
+        "unet_captions": 35807, "commands": ["01:53  autoencoder --run runs/ae", "02:36  unet --run runs/unet"]}))
     (folder / "unet_loss.png").write_bytes(b"png")
     ae_prior = {"source": str(folder), "commands": "01:53  autoencoder --run runs/ae\n02:36  unet --run runs/unet",
                 "autoencoder_steps": 10627, "autoencoder_minutes": 101.0}
@@ -373,7 +381,7 @@ def test_a_run_records_its_unet_config():
 
 
 def test_an_autoencoder_exported_again_from_its_folder_keeps_its_note(tmp_path):
-    """export --ae shapes-64-vq --unet <run>: the folder's benchmark.json keeps how its autoencoder's last run
+    """export --ae shapes-64-vq --unet <run>: the folder's training.json keeps how its autoencoder's last run
     trained (written by export), so the new card still says it and still explains the folded VQ encoder."""
     import argparse
     from ldm.train.shapes import training_history
@@ -382,7 +390,7 @@ def test_an_autoencoder_exported_again_from_its_folder_keeps_its_note(tmp_path):
     (folder / "vae").mkdir(parents=True)
     (folder / "ldm_pipeline.json").write_text("{}")
     note = " This run trained the decoder only (`--decoder-only --init-from-kl`, ...): folded and frozen."
-    (folder / "benchmark.json").write_text(json.dumps({"autoencoder_steps": 19227, "autoencoder_note": note,
+    (folder / "training.json").write_text(json.dumps({"autoencoder_steps": 19227, "autoencoder_note": note,
                                                        "autoencoder_folded": True}))
     run = tmp_path / "unetrun"
     save_training_state({"caption_ids": torch.arange(5), "embeddings": [torch.zeros(3)] * 4}, run / "text.pt")
@@ -392,7 +400,7 @@ def test_an_autoencoder_exported_again_from_its_folder_keeps_its_note(tmp_path):
     history = training_history(argparse.Namespace(ae=str(folder), unet=str(run)), state)
     assert (history["ae_steps"], history["ae_note"], history["ae_folded"]) == (19227, note, True)
     assert "KL encoder, folded and frozen" in history["unet_note"]
-    # a folder whose benchmark.json predates the fields: no note, not folded
-    (folder / "benchmark.json").write_text('{"autoencoder_steps": 16827}')
+    # a folder whose record lacks the fields: no note, not folded
+    (folder / "training.json").write_text('{"autoencoder_steps": 16827}')
     older = training_history(argparse.Namespace(ae=str(folder), unet=str(run)), state)
     assert (older["ae_note"], older["ae_folded"]) == ("", False) and "folded" not in older["unet_note"]

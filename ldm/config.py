@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, fields
+from numbers import Real
 from typing import Any
+
+import numpy as np
 
 
 class JsonConfig:
@@ -21,12 +24,21 @@ class JsonConfig:
         return cls(**d)
 
 
+def is_int(value) -> bool:
+    """An integer (Python or NumPy), and not a bool (True is an int to Python, never a count to a user)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value) -> bool:
+    """A finite real number (int, float or NumPy scalar), and not a bool; NaN and infinities are not."""
+    return isinstance(value, Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
 def check_number(name: str, value, low: float, high: float = float("inf"), low_open: bool = False,
                  integer: bool = False) -> None:
-    """ValueError naming `name` unless value is an int (or, integer=False, a finite float) in [low, high]
+    """ValueError naming `name` unless value is an int (or, integer=False, a finite number) in [low, high]
     ((low, high] with low_open); bools are refused, as are NaN and infinities."""
-    kinds = (int,) if integer else (int, float)
-    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_int(value) if integer else is_number(value)
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
         lo = "(" if low_open else "["

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-from numbers import Real
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +20,7 @@ from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..config import is_int, is_number
 from ..files import atomic_path
 from .images import to_model_range
 
@@ -42,7 +42,7 @@ def drops_caption(seed: int, epoch: int, index: int, p: float) -> bool:
 
 
 def _check_seed(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return int(value)
 
@@ -54,7 +54,7 @@ def _wrap_index(i: int, n: int) -> int:
 
 
 def _check_probability(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
+    if not is_number(value) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
 
@@ -94,7 +94,7 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, resolution: int = 64, crop: str = "center", random_flip: bool = False,
                  caption_dropout: float = 0.0, format: str = "auto", seed: int = 0):
-        if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution <= 0:
+        if not is_int(resolution) or resolution <= 0:
             raise ValueError(f"resolution must be a positive int, got {resolution!r}")
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
@@ -327,7 +327,7 @@ def cache_latents_and_text(dataset: CaptionedImageFolder, vae, text_encoder, bat
     if dataset.crop != "center" or dataset.random_flip:
         raise ValueError("cache_latents_and_text needs crop='center' and random_flip=False: the cache stores one "
                          f"view per image, got crop={dataset.crop!r}, random_flip={dataset.random_flip}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    if not is_int(batch_size) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     config, device = vae.config, next(vae.parameters()).device
     shift = config.shift_factor if config.shift_factor is not None else 0.0

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..config import is_int, is_number
 from .images import to_model_range
 
 COLORS = {
@@ -55,7 +56,7 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 def check_size(size, name: str = "size") -> None:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < MIN_SIZE:
+    if not is_int(size) or size < MIN_SIZE:
         raise ValueError(f"{name} must be an integer >= {MIN_SIZE}; got {size!r}")
 
 
@@ -74,7 +75,7 @@ class ShapeObject:
         check_choice("size", self.size, SIZES)
         for name in ("cx", "cy"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            if not is_number(v) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1]; got {v!r}")
 
 
@@ -418,7 +419,7 @@ def make_batch(n: int, seed: int = 0, size: int = 64, start: int = 0,
                allow_heldout: bool = False) -> tuple[np.ndarray, list[str]]:
     """Examples start .. start + n - 1 of stream `seed`: (uint8 images [n, size, size, 3], captions)."""
     check_size(size)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+    if not is_int(n) or n < 0:
         raise ValueError(f"n must be an integer >= 0; got {n!r}")
     images = np.empty((n, size, size, 3), np.uint8)
     captions = []
@@ -434,7 +435,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __init__(self, size: int = 64, length: int = 100_000, seed: int = 0, allow_heldout: bool = False):
         check_size(size)
-        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+        if not is_int(length) or length < 1:
             raise ValueError(f"length must be an integer >= 1; got {length!r}")
         self.size, self.length, self.seed, self.allow_heldout = size, int(length), seed, allow_heldout
 

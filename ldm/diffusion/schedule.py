@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ..config import is_int
 from . import process
 
 SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine")
@@ -133,5 +134,5 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailin
 
 
 def check_num_steps(num_steps, num_timesteps: int) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_timesteps:
+    if not is_int(num_steps) or not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be an int in [1, {num_timesteps}] (the schedule's T); got {num_steps!r}")

@@ -42,6 +42,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..config import is_int
 from ..data.shapes import (BACKGROUNDS, CENTROID_DROP, COLORS, FILL, HELD_OUT, POSITIONS, RELATIONS, SHAPES, SIZES,
                            SUBPIXEL, Scene, ShapeObject, check_choice, noun_phrase, place, position_of,
                            position_phrase, relation_holds, render, shape_coverage)
@@ -167,7 +168,7 @@ def _task_specs(task: str, split: str, i: int, rng: np.random.Generator) -> Expe
 def benchmark_prompts(split: str, per_task: int = 36, seed: int = 0) -> list[Prompt]:
     """The fixed prompt set of a split ("seen" or "heldout"): per_task prompts for each of TASKS."""
     check_choice("split", split, SPLITS)
-    if isinstance(per_task, bool) or not isinstance(per_task, (int, np.integer)) or not 1 <= per_task <= 999:
+    if not is_int(per_task) or not 1 <= per_task <= 999:
         raise ValueError(f"per_task must be an integer in [1, 999]; got {per_task!r}")
     s = SPLITS.index(split)
     prompts = []

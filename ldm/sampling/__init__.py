@@ -5,9 +5,10 @@ from typing import Optional
 
 import torch
 
+from ..config import is_number
 from ..diffusion.denoiser import DenoiseFn
+from ..diffusion.schedule import SPACINGS, NoiseSchedule, check_num_steps, spaced_timesteps
 from ..random import Generator
-from ..diffusion.schedule import NoiseSchedule, SPACINGS, check_num_steps, spaced_timesteps
 from .samplers import ddim, ddim_invert, ddim_step, ddpm, ddpm_step, dpmpp_2m, langevin
 from .transforms import (classifier_free_guidance, classifier_guidance, dynamic_threshold,
                          dynamic_thresholding, static_thresholding)
@@ -46,7 +47,7 @@ def sample(denoise: DenoiseFn, x_T: torch.Tensor, schedule: NoiseSchedule, num_s
         if spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
     eta = options.get("eta", 0.0)
-    if sampler == "ddim" and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0):
+    if sampler == "ddim" and (not is_number(eta) or eta < 0):
         raise ValueError(f"eta must be a number >= 0; got {eta!r}")
     ts = resolve_timesteps(schedule, num_steps, spacing, steps_offset, timesteps)
     return SAMPLERS[sampler](denoise, x_T, schedule, ts, generator=generator, callback=callback, **options)

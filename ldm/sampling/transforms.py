@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..config import is_number
 from ..diffusion import process
 from ..diffusion.denoiser import DenoiseFn, Prediction
 from ..diffusion.schedule import NoiseSchedule
@@ -35,7 +36,7 @@ def classifier_free_guidance(denoise_pair: DenoiseFn, guidance_scale: float) -> 
 
 
 def check_guidance_scale(guidance_scale) -> None:
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+    if not is_number(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale must be a number >= 0; got {guidance_scale!r}")
 
 

@@ -4,10 +4,9 @@ learned variance, loadable base) run in the Trainer before its first step."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from numbers import Real
 from typing import Any, Optional
 
-from ..config import JsonConfig
+from ..config import JsonConfig, is_int, is_number
 
 MODES = ("full", "lora")
 LOSSES = ("simple", "hybrid", "vlb")
@@ -90,21 +89,21 @@ class TrainConfig(JsonConfig):
             self._require(name, isinstance(getattr(self, name), bool), "true or false")
         for name in ("resolution", "lora_rank", "max_steps", "batch_size", "gradient_accumulation_steps",
                      "checkpoint_every", "sample_steps"):
-            self._require(name, _is_int(getattr(self, name)) and getattr(self, name) > 0, "a positive integer")
+            self._require(name, is_int(getattr(self, name)) and getattr(self, name) > 0, "a positive integer")
         for name in ("warmup_steps", "seed", "sample_every", "num_workers"):
-            self._require(name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, "an integer >= 0")
+            self._require(name, is_int(getattr(self, name)) and getattr(self, name) >= 0, "an integer >= 0")
         self._require("checkpoints_total_limit", self.checkpoints_total_limit is None or
-               (_is_int(self.checkpoints_total_limit) and self.checkpoints_total_limit > 0),
+               (is_int(self.checkpoints_total_limit) and self.checkpoints_total_limit > 0),
                "None (keep all) or a positive integer")
-        self._require("caption_dropout", _is_num(self.caption_dropout) and 0 <= self.caption_dropout <= 1,
+        self._require("caption_dropout", is_number(self.caption_dropout) and 0 <= self.caption_dropout <= 1,
                       "a number in [0, 1]")
-        self._require("learning_rate", _is_num(self.learning_rate) and self.learning_rate > 0, "a number > 0")
-        self._require("weight_decay", _is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
-        self._require("sample_guidance", _is_num(self.sample_guidance) and self.sample_guidance >= 0, "a number >= 0")
+        self._require("learning_rate", is_number(self.learning_rate) and self.learning_rate > 0, "a number > 0")
+        self._require("weight_decay", is_number(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
+        self._require("sample_guidance", is_number(self.sample_guidance) and self.sample_guidance >= 0, "a number >= 0")
         for name in ("lora_alpha", "snr_gamma", "max_grad_norm"):
             value = getattr(self, name)
-            self._require(name, value is None or (_is_num(value) and value > 0), "None or a number > 0")
-        self._require("ema_decay", self.ema_decay is None or (_is_num(self.ema_decay) and 0 < self.ema_decay < 1),
+            self._require(name, value is None or (is_number(value) and value > 0), "None or a number > 0")
+        self._require("ema_decay", self.ema_decay is None or (is_number(self.ema_decay) and 0 < self.ema_decay < 1),
                "None (no EMA) or a number in (0, 1)")
         self._require("sample_prompts", isinstance(self.sample_prompts, tuple) and
                all(isinstance(p, str) and p.strip() for p in self.sample_prompts), "a list of non-empty strings")
@@ -124,10 +123,3 @@ class TrainConfig(JsonConfig):
         if not ok:
             raise ValueError(f"{name} must be {allowed}; got {getattr(self, name)!r}")
 
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool) and v == v  # not NaN

@@ -13,7 +13,6 @@ with metadata {"format": "ldm-lora", "rank": "4", "alpha": "4.0", "targets": '["
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ldm.checkpoints import load_state_dict, save_state_dict
+from ldm.config import is_int, is_number
 from ldm.nn.unet_diffusers import state_dict_to_diffusers
 
 Tensor = torch.Tensor
@@ -39,10 +39,6 @@ _PEFT = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")  # peft, with or wi
 _UP_DOWN = re.compile(r"(.+)\.lora[._](down|up)\.weight")  # diffusers' LoRACompatibleLinear and kohya
 _STRIP = ("base_model.model.", "model.diffusion_model.", "unet.")
 _TEXT = ("text_encoder", "lora_te")  # text-encoder LoRA in combined files: not ours to merge
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _short_name(name: str) -> str:
@@ -61,12 +57,12 @@ def add_lora(unet: nn.Module, rank: int = 4, alpha: Optional[float] = None,
              targets: Sequence[str] = DEFAULT_TARGETS, dropout: float = 0.0) -> nn.Module:
     """Wrap every Linear/Conv2d whose name is, or ends in ".<target>", with a LoRA adapter (in place); freeze the
     rest. alpha defaults to rank (scaling 1). Returns the same U-Net."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise ValueError(f"rank must be a positive int; got {rank!r}")
     alpha = rank if alpha is None else alpha
-    if not _is_number(alpha) or alpha <= 0:
+    if not is_number(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite number > 0; got {alpha!r}")
-    if not _is_number(dropout) or not 0 <= dropout < 1:
+    if not is_number(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must lie in [0, 1); got {dropout!r}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not targets or not all(isinstance(t, str) and t for t in targets):
@@ -179,7 +175,7 @@ def merge_lora(unet: nn.Module, lora: Union[Mapping[str, Tensor], PathLike], sca
     plain U-Net, in place. alpha: the module's .alpha tensor, else an "ldm-lora" file's metadata, else r (as
     diffusers). Everything is checked before any weight changes. Returns the original weights it changed,
     by parameter name (<module>.weight), for restore_weights."""
-    if not _is_number(scale):
+    if not is_number(scale):
         raise ValueError(f"scale must be a finite number; got {scale!r}")
     if lora_layers(unet):
         raise ValueError("merge_lora works on a plain U-Net; this one has peft adapters (they already apply)")

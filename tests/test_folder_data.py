@@ -311,3 +311,18 @@ def test_cache_refuses_random_views(tmp_path, kwargs):
     ds = CaptionedImageFolder(_captioned(tmp_path, n=2), resolution=16, **kwargs)
     with pytest.raises(ValueError, match="one view per image"):
         cache_latents_and_text(ds, _vae(), FakeTextEncoder())
+
+
+def test_the_caption_table_leaves_a_text_encoder_in_eval_mode():
+    """Encoders start in eval mode, so the cache's save-and-restore of the mode never turns dropout on: before,
+    a MiniLM came out of encode_caption_table in training mode and encoded the same prompt differently."""
+    from ldm.data.folder import encode_caption_table
+    from ldm.text import HFTextEncoder
+    text = HFTextEncoder.minilm(max_length=16)  # BERT with dropout 0.1
+    assert not text.training and not text.model.training
+    table, emb, mask, pooled = encode_caption_table(text, ["b red circle", "a blue square", "b red circle"], 2)
+    assert table == ["", "a blue square", "b red circle"] and emb.shape[:2] == mask.shape == (3, 16)
+    assert not text.training and not text.model.training
+    with torch.no_grad():
+        again = text.encode(table)
+    assert torch.equal(again.embeddings, emb) and torch.equal(again.pooled, pooled)

@@ -72,6 +72,9 @@ class TextEncoder(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = config
+        # in eval mode from the start, as its network is: a caller that saves and restores the mode (e.g. the
+        # latent cache) must not switch dropout on by restoring nn.Module's default training=True
+        self.train(False)
 
     @classmethod
     def folder_layout(cls, folder: Path, config_cls: type, overrides: dict) -> tuple[Any, Path, Path]:

@@ -317,6 +317,23 @@ def _eval_mode(*modules: Any):
 
 
 @torch.no_grad()
+def encode_caption_table(text_encoder, captions, batch_size: int = 16):
+    """Every distinct caption encoded once: (table, embeddings [N, L, D], mask [N, L], pooled [N, D] or None) on
+    the CPU in float32, table[0] = "" (the unconditional caption), the rest sorted. A chunked encoder's L may
+    differ between batches: shorter ones are padded (masked out)."""
+    table = [""] + sorted(set(captions) - {""})
+    with _eval_mode(text_encoder):
+        encodings = [text_encoder.encode(table[k:k + batch_size]) for k in range(0, len(table), batch_size)]
+    length = max(e.mask.shape[1] for e in encodings)
+    pad = torch.nn.functional.pad
+    emb = torch.cat([pad(e.embeddings.float().cpu(), (0, 0, 0, length - e.mask.shape[1])) for e in encodings])
+    mask = torch.cat([pad(e.mask.bool().cpu(), (0, length - e.mask.shape[1]), value=False) for e in encodings])
+    pooled = (None if any(e.pooled is None for e in encodings)
+              else torch.cat([e.pooled.float().cpu() for e in encodings]))
+    return table, emb, mask, pooled
+
+
+@torch.no_grad()
 def cache_latents_and_text(dataset: CaptionedImageFolder, vae, text_encoder, batch_size: int = 16,
                            path: str | Path | None = None) -> CachedLatentDataset:
     """Encode every image once with the frozen VAE and every distinct caption (plus "") once with the text encoder.
@@ -344,15 +361,8 @@ def cache_latents_and_text(dataset: CaptionedImageFolder, vae, text_encoder, bat
                 std = torch.zeros_like(mean)
             means.append(mean.float().cpu())
             stds.append(std.float().cpu())
-        table = [""] + sorted(set(dataset.captions) - {""})
-        encodings = [text_encoder.encode(table[k:k + batch_size]) for k in range(0, len(table), batch_size)]
+    table, emb, mask, pooled = encode_caption_table(text_encoder, dataset.captions, batch_size)
     row_of = {c: k for k, c in enumerate(table)}
-    length = max(e.mask.shape[1] for e in encodings)  # chunked encoders' L may differ across batches: pad
-    pad = torch.nn.functional.pad
-    emb = torch.cat([pad(e.embeddings.float().cpu(), (0, 0, 0, length - e.mask.shape[1])) for e in encodings])
-    mask = torch.cat([pad(e.mask.bool().cpu(), (0, length - e.mask.shape[1]), value=False) for e in encodings])
-    pooled = (None if any(e.pooled is None for e in encodings)
-              else torch.cat([e.pooled.float().cpu() for e in encodings]))
     info = {"root": str(dataset.root), "format": dataset.format, "resolution": dataset.resolution,
             "vae_kind": config.kind, "scaling_factor": config.scaling_factor, "shift_factor": config.shift_factor}
     cache = CachedLatentDataset(torch.cat(means), torch.cat(stds), emb, mask,

@@ -23,6 +23,7 @@ import torch
 
 from ..checkpoints import PIPELINE_FILE, load_component, resolve, save_pipeline, write_json
 from ..cli import int_at_least
+from ..data.folder import encode_caption_table
 from ..data.images import to_model_range
 from ..data.shapes import example, make_batch
 from ..diffusion import Denoiser, UniformSampler, training_losses
@@ -310,16 +311,10 @@ def rescaled(ae: Autoencoder, **latent_scale) -> Autoencoder:
 
 
 def _text_cache(text: HFTextEncoder, captions: list[str]) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
-    """Token embeddings of every distinct caption (and of "", the unconditional one), computed once."""
-    unique = sorted(set(captions) | {""})
-    embs, masks = [], []
-    with torch.no_grad():
-        for i in range(0, len(unique), 256):
-            chunk = unique[i:i + 256]
-            enc = text.encode(chunk)
-            embs.append(enc.embeddings.half())
-            masks.append(enc.mask)
-    return {c: i for i, c in enumerate(unique)}, torch.cat(embs), torch.cat(masks)
+    """Token embeddings of every distinct caption (and of "", the unconditional one), computed once by the
+    trainer's caption table, kept in float16."""
+    table, embeddings, masks, _ = encode_caption_table(text, captions, batch_size=256)
+    return {c: i for i, c in enumerate(table)}, embeddings.half(), masks
 
 
 def prepare_text(args: argparse.Namespace, folder: Path, text: HFTextEncoder) -> dict:

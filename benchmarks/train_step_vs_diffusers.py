@@ -34,7 +34,7 @@ from ldm.diffusion import Denoiser, training_losses
 from ldm.diffusion.config import DiffusionConfig
 from ldm.nn.unet import UNetConfig, UNetModel
 from ldm.nn.unet_diffusers import config_to_diffusers, state_dict_to_diffusers
-from ldm.train.shapes import DIFFUSION, TEXT_MAX_LENGTH, UNET_CONFIG
+from ldm.train.shapes_common import DIFFUSION, TEXT_MAX_LENGTH, UNET_CONFIG
 from ldm.train.trainer_utils import DiffusionModel
 
 SD_DIFFUSION = DiffusionConfig(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="eps")

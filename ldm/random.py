@@ -35,6 +35,13 @@ def randn(shape: Sequence[int], generator: Generator = None, dtype: torch.dtype 
     return torch.cat(draws).to(device) if len(draws) > 1 else draws[0].to(device)
 
 
+def rand(shape: Sequence[int], generator: Generator = None, dtype: torch.dtype = torch.float32,
+         device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform noise in [0, 1) of `shape` on `device` (e.g. caption dropout); per-row generators as randn."""
+    draws = [torch.rand(s, generator=g, dtype=dtype, device=_source(g)) for g, s in _rows(tuple(shape), generator)]
+    return torch.cat(draws).to(device) if len(draws) > 1 else draws[0].to(device)
+
+
 def randint(high: int, shape: Sequence[int], generator: Generator = None,
             device: torch.device | str = "cpu") -> torch.Tensor:
     """Integers uniform in [0, high) of `shape` on `device` (e.g. training timesteps); per-row generators as randn."""

@@ -23,16 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RANDOM_FILE = Path(ldm.random.__file__).resolve()
 DRAWS = ("randn", "randn_like", "rand", "rand_like", "randint", "randint_like", "randperm", "multinomial",
          "normal", "bernoulli", "poisson")
-# The shapes recipe trains on the CPU only and draws batch indices from the global generator; it is to move onto
-# the library's trainer (which goes through ldm.random).
-CPU_ONLY = {ROOT / "ldm" / "train" / "shapes.py"}
 
 
 def test_no_module_but_ldm_random_calls_torch_random_functions():
     call = re.compile(r"\btorch\.(%s)\(|\.(normal_|uniform_|bernoulli_|exponential_|random_)\(" % "|".join(DRAWS))
     offenders = []
     for path in sorted([*(ROOT / "ldm").rglob("*.py"), *(ROOT / "pipelines").rglob("*.py")]):
-        if path.resolve() == RANDOM_FILE or path in CPU_ONLY:
+        if path.resolve() == RANDOM_FILE:
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]

@@ -10,7 +10,8 @@ import torch
 from ldm.nn.autoencoder import Autoencoder
 from ldm.data.images import to_model_range
 from ldm.nn.vq_init import kmeans
-from ldm.train.shapes import AE_CONFIGS, vq_from_kl
+from ldm.train.shapes_autoencoder import vq_from_kl
+from ldm.train.shapes_common import AE_CONFIGS
 from ldm.data.shapes import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +72,7 @@ def test_runs_started_from_a_missing_run_fail_before_writing(tmp_path):
 
 def test_training_source_takes_a_run_or_a_model_folder(tmp_path):
     from ldm.checkpoints import WEIGHTS_DIR
-    from ldm.train.shapes import training_source
+    from ldm.train.shapes_common import training_source
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "state.pt").write_bytes(b"")
     assert training_source("--ae", str(tmp_path / "run")) == tmp_path / "run" / "state.pt"
@@ -83,10 +84,11 @@ def test_training_source_takes_a_run_or_a_model_folder(tmp_path):
 
 
 def test_model_history_reads_the_structured_record_not_the_card(tmp_path):
-    from ldm.train.shapes import TRAINING_FILE, model_history
+    from ldm.train.shapes_card import TRAINING_FILE, model_history
     (tmp_path / TRAINING_FILE).write_text(json.dumps({
         "unet_steps": 6303, "unet_minutes": 112.3, "autoencoder_steps": 4446, "unet_scenes": 100000,
-        "unet_captions": 55298, "commands": ["2026-11-25 01:53  python -m ldm.train.shapes autoencoder --run runs/ae"]}))
+        "unet_captions": 55298,
+        "commands": ["2026-11-25 01:53  python -m ldm.train.shapes autoencoder --run runs/ae"]}))
     (tmp_path / "MODEL_CARD.md").write_text("## Reproduce\n\n```\nnot read: the card is rendered, never parsed\n```\n")
     history = model_history(tmp_path)
     assert history["unet_steps"] == 6303 and history["unet_minutes"] == 112.3
@@ -103,7 +105,8 @@ def test_shipped_cards_are_rendered_from_their_folders(tmp_path):
     import shutil
 
     from ldm.checkpoints import WEIGHTS_DIR
-    from ldm.train.shapes import main, render_model_card
+    from ldm.train.shapes import main
+    from ldm.train.shapes_card import render_model_card
     for name in ("shapes-64", "shapes-64-vq"):
         assert render_model_card(WEIGHTS_DIR / name) == (WEIGHTS_DIR / name / "MODEL_CARD.md").read_text(), name
     copy = tmp_path / "shapes-64"
@@ -114,7 +117,7 @@ def test_shipped_cards_are_rendered_from_their_folders(tmp_path):
 
 
 def test_lr_decay_is_cosine_to_a_tenth():
-    from ldm.train.shapes import lr_decay
+    from ldm.train.shapes_common import lr_decay
     assert lr_decay(5, None) == 1.0
     assert lr_decay(0, 1000) == 1.0
     assert lr_decay(500, 1000) == pytest.approx(0.55)
@@ -130,7 +133,8 @@ def test_model_cards_say_what_the_model_is_and_how_it_was_trained():
     from ldm.train.shapes_card import HISTORY_FILE, MODEL_CARD, history_section
     fields = {name for _, name, _, _ in string.Formatter().parse(MODEL_CARD) if name}
     assert "history" in fields and "status" not in fields
-    assert history_section("") == "" and history_section("Two runs.\n").startswith("\n## How it was trained\n\nTwo runs.")
+    assert history_section("") == ""
+    assert history_section("Two runs.\n").startswith("\n## How it was trained\n\nTwo runs.")
     for folder in sorted(p for p in WEIGHTS_DIR.iterdir() if (p / "MODEL_CARD.md").is_file()):
         card = (folder / "MODEL_CARD.md").read_text()
         assert "target" not in card.lower() and "issue" not in card.lower(), folder.name
@@ -165,7 +169,7 @@ def test_autoencoder_init_from_refuses_another_kind_before_writing(tmp_path):
 
 
 def test_autoencoder_history_counts_every_run_it_started_from(tmp_path):
-    from ldm.train.shapes import autoencoder_history
+    from ldm.train.shapes_autoencoder import autoencoder_history
     from ldm.train.state import save_training_state
     first = {"source": "weights/shapes-64", "commands": "2026-11-25 01:53  python -m ldm.train.shapes autoencoder",
              "autoencoder_steps": 4446, "autoencoder_minutes": 65.0}
@@ -245,11 +249,11 @@ def test_vq_decoder_only_from_kl_keeps_the_kl_latents(tmp_path, monkeypatch):
     """--kind vq --decoder-only --init-from-kl: the encoder is the KL mean path folded and frozen, the codebook the
     k-means one; only the decoder trains. So the pre-quantization latents stay the KL posterior means, and the KL
     model's U-Net can be exported with it unchanged (with_latents_of accepts it; a perturbed encoder is refused)."""
-    from ldm.train import shapes
+    from ldm.train import shapes_autoencoder, shapes_common
     from ldm.train.shapes import main, with_latents_of
     from ldm.train.state import load_training_state
-    monkeypatch.setitem(shapes.AE_CONFIGS, "vq", dataclasses.replace(AE_CONFIGS["vq"], n_embed=32))
-    monkeypatch.setattr(shapes, "vq_from_kl", functools.partial(vq_from_kl, num_images=8))  # a fast k-means
+    monkeypatch.setitem(shapes_common.AE_CONFIGS, "vq", dataclasses.replace(AE_CONFIGS["vq"], n_embed=32))
+    monkeypatch.setattr(shapes_autoencoder, "vq_from_kl", functools.partial(vq_from_kl, num_images=8))  # fast k-means
     main(["autoencoder", "--run", str(tmp_path / "ae"), "--total-steps", "1", "--batch", "2"])
     main(["autoencoder", "--kind", "vq", "--run", str(tmp_path / "vq"), "--decoder-only", "--init-from-kl",
           str(tmp_path / "ae"), "--total-steps", "2", "--batch", "2"])
@@ -258,9 +262,9 @@ def test_vq_decoder_only_from_kl_keeps_the_kl_latents(tmp_path, monkeypatch):
     assert st["decoder_only"] and st["step"] == 2 and st["prior"]["folded_kl"]
     kl = Autoencoder(AE_CONFIGS["kl"]).eval()
     kl.load_state_dict(kl_state)
-    start = Autoencoder(shapes.AE_CONFIGS["vq"]).eval()
+    start = Autoencoder(shapes_common.AE_CONFIGS["vq"]).eval()
     vq_from_kl(start, kl_state, num_images=8)  # the same seed: what the run started from
-    vq = Autoencoder(shapes.AE_CONFIGS["vq"]).eval()
+    vq = Autoencoder(shapes_common.AE_CONFIGS["vq"]).eval()
     vq.load_state_dict(st["model"])
     trained = [k for k, _ in vq.named_parameters() if k.startswith(("decoder.", "post_quant_conv."))]
     frozen = [k for k, _ in vq.named_parameters() if k not in trained]
@@ -342,7 +346,7 @@ def test_training_history_of_a_unet_exported_unchanged_from_a_model_folder(tmp_p
 
 def test_binding_examples_are_exactly_the_two_object_and_scenes():
     from ldm.data.shapes import example
-    from ldm.train.shapes import binding_examples
+    from ldm.train.shapes_unet import binding_examples
     found = set(binding_examples(400, seed=3).tolist())
     assert 10 < len(found) < 60  # about 7% of the stream
     for i in range(400):
@@ -371,7 +375,8 @@ def test_transformer_depth_is_checked_before_writing(tmp_path, value):
 
 
 def test_a_run_records_its_unet_config():
-    from ldm.train.shapes import UNET_CONFIG, unet_config, unet_config_of
+    from ldm.train.shapes_common import UNET_CONFIG
+    from ldm.train.shapes_unet import unet_config, unet_config_of
     assert unet_config(None) == UNET_CONFIG
     assert unet_config("2").transformer_depth == 2
     deeper = unet_config("1,2")

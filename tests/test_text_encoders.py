@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import ByT5Tokenizer, CLIPTextModel, CLIPTokenizer
 
 from ldm.text import (BertTextEncoder, CLIPEncoderConfig, CLIPTextEncoder, HFTextEncoder, OpenCLIPEncoderConfig,
-                      OpenCLIPTextEncoder, T5EncoderConfig, T5TextEncoder, TextEncoding, hf_to_openclip_text, hf_to_sd1_text_keys,
-                      load_text_encoder, openclip_text_to_hf, sd1_text_keys_to_hf)
+                      OpenCLIPTextEncoder, T5EncoderConfig, T5TextEncoder, TextEncoding, hf_to_openclip_text,
+                      hf_to_sd1_text_keys, load_text_encoder, openclip_text_to_hf, sd1_text_keys_to_hf)
 from ldm.text.base import CONFIG_NAME
 from ldm.text.clip import SD2
 from ldm.text.tokenizers import CLIP_VOCAB_SIZE, clean_clip_text, clip_tokenizer, clip_tokenizer_files

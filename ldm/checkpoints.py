@@ -68,7 +68,10 @@ def load_state_dict(path: PathLike, allow_pickle: bool = False) -> dict[str, tor
     if not allow_pickle:
         raise ValueError(f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
                          "safetensors, or pass allow_pickle=True if you trust it (loaded with weights_only=True)")
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated (EOFError, RuntimeError) or refused by weights_only (UnpicklingError)
+        raise ValueError(f"{path} cannot be read as a weights-only pickle: {err}") from None
     obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a flat dict of tensors (or one under 'state_dict')")
@@ -159,6 +162,8 @@ def load_folder(folder: PathLike) -> PipelineParts:
     """This project's format: ldm_pipeline.json + unet/, vae/, text_encoder/ (config.json + model.safetensors)."""
     folder = Path(folder)
     meta = read_json(folder / PIPELINE_FILE)
+    if not isinstance(meta.get("diffusion"), dict):
+        raise ValueError(f"{folder / PIPELINE_FILE} has no 'diffusion' object (how the model samples)")
     unet, vae = load_component(folder, "unet"), load_component(folder, "vae")
     bundled = meta.get("text_encoder", {})
     if bundled.get("bundled") == BUNDLED_MINILM:
@@ -177,13 +182,18 @@ def _diffusers_weights(component: Path, allow_pickle: bool) -> dict[str, torch.T
     raise FileNotFoundError(f"no weights in {component} (diffusion_pytorch_model.safetensors)")
 
 
+# the diffusers pipelines whose folders hold one U-Net + KL VAE + CLIP text encoder (None: no _class_name)
+DIFFUSERS_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", None)
+
+
 def load_diffusers_folder(folder: PathLike, allow_pickle: bool = False) -> PipelineParts:
     """A diffusers StableDiffusionPipeline folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
-    if "text_encoder_2" in index or index.get("_class_name", "").startswith(("StableDiffusionXL", "IF", "Kandinsky")):
-        raise ValueError(f"{folder / 'model_index.json'} describes a {index.get('_class_name')}; this package "
-                         "loads Stable Diffusion 1.x/2.x folders (StableDiffusionPipeline) so far")
+    name = index.get("_class_name")
+    if name not in DIFFUSERS_PIPELINES or "text_encoder_2" in index:
+        raise ValueError(f"{folder / 'model_index.json'} describes a {name}; this package loads Stable Diffusion "
+                         f"1.x/2.x folders ({', '.join(p for p in DIFFUSERS_PIPELINES if p)}) so far")
     unet_config = config_from_diffusers(read_json(folder / "unet" / "config.json"))
     unet = _model(UNetModel, unet_config,
                   state_dict_from_diffusers(_diffusers_weights(folder / "unet", allow_pickle), unet_config),
@@ -194,7 +204,7 @@ def load_diffusers_folder(folder: PathLike, allow_pickle: bool = False) -> Pipel
                  f"{folder}/vae")
     from .text.clip import CLIPTextEncoder
 
-    text_encoder = CLIPTextEncoder.from_pretrained(folder)
+    text_encoder = CLIPTextEncoder.from_pretrained(folder, allow_pickle=allow_pickle)
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
     return PipelineParts(unet, vae, text_encoder, DiffusionConfig.from_diffusers(scheduler))
 

@@ -50,29 +50,22 @@ def _demo(args: argparse.Namespace) -> int:
 
     from pipelines import TextToImagePipeline
 
-    from .checkpoints import DEFAULT_MODEL, WEIGHTS_DIR
-
-    if args.model is None and not (WEIGHTS_DIR / DEFAULT_MODEL).exists():
-        print(f"No model is shipped in weights/{DEFAULT_MODEL} yet (it is not trained yet), so there are no "
-              "images to draw. Here is the diffusion core instead, every sampler on Gaussian data with its "
-              "exact denoiser:\n")
-        return _oracle_table(argparse.Namespace(schedule="cosine", samples=10_000))
     try:
         out = _output_paths(args.output, 1)[0]
         pipe = TextToImagePipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
-    except (UsageError, ValueError, OSError) as err:
+        pipe.progress = False
+        steps = pipe.diffusion.default_steps if args.steps is None else args.steps
+        start = time.perf_counter()
+        images = pipe(DEMO_PROMPTS, num_inference_steps=steps, seed=0, num_images_per_prompt=2,
+                      output_type="np").images
+        elapsed = time.perf_counter() - start
+        n = len(DEMO_PROMPTS)
+        rows = [np.concatenate([images[2 * j + r] for j in range(n)], axis=1) for r in range(2)]
+        grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+        _save_images([Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)], [out])
+    except (UsageError, ValueError, OSError, FloatingPointError) as err:
         print(f"ldm demo: error: {err}", file=sys.stderr)
         return 2
-    pipe.progress = False
-    steps = pipe.diffusion.num_inference_steps if args.steps is None else args.steps
-    start = time.perf_counter()
-    images = pipe(DEMO_PROMPTS, num_inference_steps=steps, seed=0,
-                  num_images_per_prompt=2, output_type="np").images
-    elapsed = time.perf_counter() - start
-    n = len(DEMO_PROMPTS)
-    rows = [np.concatenate([images[2 * j + r] for j in range(n)], axis=1) for r in range(2)]
-    grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-    _save_images([Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)], [out])
     for k, prompt in enumerate(DEMO_PROMPTS):
         print(f"column {k + 1}: {prompt}")
     print(f"{2 * n} images, {steps} steps, {elapsed:.2f} s")
@@ -125,7 +118,6 @@ def _save_images(images, paths) -> list[str]:
         with atomic_path(path) as tmp:
             image.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()])
     return [str(p) for p in paths]
-
 
 
 def _read_image(path: str):
@@ -201,7 +193,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         pipe = TextToImagePipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
         pipe.progress = False
-        steps = pipe.diffusion.num_inference_steps if args.steps is None else args.steps
+        steps = pipe.diffusion.default_steps if args.steps is None else args.steps
         guidance = pipe.diffusion.guidance_scale if args.guidance is None else args.guidance
         result = run_shapes_benchmark(pipe, steps, args.sampler, guidance, per_task=args.per_task,
                                       batch_size=args.batch_size, seed=args.seed)

@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm import checkpoints
-from ldm.config import check_number
+from ldm.config import check_number, is_int
 from ldm.device import check_device, check_dtype
 from ldm.diffusion import Denoiser
 from ldm.diffusion.config import DiffusionConfig
@@ -161,14 +161,14 @@ class LatentDiffusionPipeline:
         if seed is None:
             return None, None
         low, high = SEED_RANGE
-        seeds = [seed + k for k in range(batch)] if isinstance(seed, int) and not isinstance(seed, bool) else seed
+        seeds = [seed + k for k in range(batch)] if is_int(seed) else seed
         if not isinstance(seeds, (list, tuple)) or len(seeds) != batch or \
-                not all(isinstance(s, int) and not isinstance(s, bool) and low <= s <= high for s in seeds):
+                not all(is_int(s) and low <= s <= high for s in seeds):
             raise ValueError(f"seed must be an int in [0, 2**64 - 1] (image k gets seed + k) or a list of {batch} "
                              f"such ints, one per image; got {seed!r}")
         # CPU generators whatever the device: noise is drawn on the CPU and moved (ldm.random), so a seed gives the
         # same image on every device
-        return [torch.Generator(device="cpu").manual_seed(s) for s in seeds], list(seeds)
+        return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds], [int(s) for s in seeds]
 
     def denoiser(self, cond: torch.Tensor, cond_mask: torch.Tensor, uncond: Optional[torch.Tensor],
                  uncond_mask: Optional[torch.Tensor], guidance_scale: float, thresholding):
@@ -237,7 +237,7 @@ class LatentDiffusionPipeline:
                      num_images_per_prompt, output_type) -> Settings:
         """Validate the arguments every pipeline takes. None for sampler, num_inference_steps or guidance_scale is
         the model's own default, stored in its folder (`diffusion` in ldm_pipeline.json)."""
-        steps = self.diffusion.num_inference_steps if num_inference_steps is None else num_inference_steps
+        steps = self.diffusion.default_steps if num_inference_steps is None else num_inference_steps
         guidance = self.diffusion.guidance_scale if guidance_scale is None else guidance_scale
         check_number("num_inference_steps", steps, 1, self.schedule.num_timesteps, integer=True)
         check_number("guidance_scale", guidance, 0)

@@ -103,3 +103,33 @@ def test_output_is_written_atomically(model_dir, tmp_path, capsys):
                  "-o", str(out)]) == 0
     assert Image.open(out).size == (64, 64)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.png"]  # no temporary file left beside it
+
+
+def test_more_bad_models_and_demo_requests_are_one_line(model_dir, tmp_path, capsys):
+    import json
+
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    _refused(["generate", "x", "--model", str(sdxl), "-o", str(tmp_path / "a.png")], capsys,
+             "StableDiffusionXLPipeline", "Stable Diffusion 1.x/2.x")
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": None, "text_encoder_2": ["x", "y"]}))
+    _refused(["generate", "x", "--model", str(sdxl), "-o", str(tmp_path / "a.png")], capsys, "describes a None")
+    (tmp_path / "cut.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    _refused(["generate", "x", "--model", str(tmp_path / "cut.ckpt"), "--allow-pickle", "-o", str(tmp_path / "b.png")],
+             capsys, "cut.ckpt", "weights-only pickle")
+    _refused(["demo", "--model", model_dir, "--steps", "5000", "-o", str(tmp_path / "d.png")], capsys,
+             "num_inference_steps")
+
+
+def test_an_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    import os
+
+    from ldm.files import write_text
+    path = tmp_path / "notes.txt"
+    path.write_text("old")
+    os.chmod(path, 0o600)
+    write_text(path, "new")
+    assert path.read_text() == "new" and (path.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_text(tmp_path / "missing" / "x.txt", "x")

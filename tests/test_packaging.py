@@ -4,6 +4,7 @@ the package list in pyproject.toml is every package on disk, and importing the p
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,13 +24,22 @@ def test_pyproject_lists_every_package():
 
 
 def test_wheel_carries_the_models_and_runs_from_anywhere(tmp_path):
+    # built from a copy of the tracked tree: setuptools never cleans a build/ folder, so stale files there would
+    # otherwise end up in the wheel
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for name in filter(None, tracked.stdout.split("\0")):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True)
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     wheel = next((tmp_path / "dist").glob("ldm-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for model in ("shapes-64", "shapes-64-vq"):
-        for part in ("ldm_pipeline.json", "MODEL_CARD.md", "unet/model.safetensors", "vae/config.json"):
+        for part in ("ldm_pipeline.json", "MODEL_CARD.md", "training.json", "unet/model.safetensors",
+                     "vae/config.json"):
             assert f"ldm/weights/{model}/{part}" in names
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),

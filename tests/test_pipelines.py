@@ -4,7 +4,7 @@ weights, checkpoint round trips in every format, seeds, and bad input.
 Tiny SD1-style (eps, conv projections, CLIP quick_gelu text) and SD2-style (v-prediction, linear
 projections, head-width attention, gelu text, "!" padding) models are built in diffusers with random weights,
 saved as a diffusers folder, loaded by our from_pretrained, and both pipelines run with the same seeds.
-Images are compared in [0, 1] at atol 1e-3 (measured: 4e-6 to 1.6e-5, listed in the README).
+Images are compared in [0, 1] at atol 1e-3 (measured: 4e-6 to 1.6e-5, listed in docs/benchmarks.md).
 """
 import copy
 import dataclasses
@@ -249,7 +249,8 @@ def test_the_empty_prompt_draws_unconditional_samples_as_diffusers(models):
 def test_defaults_come_from_the_model_folder(models, tmp_path):
     """num_inference_steps / guidance_scale None: the folder's own (diffusers folders store none: 50 and 7.5)."""
     _, _, ours, _ = models
-    assert (ours.diffusion.num_inference_steps, ours.diffusion.guidance_scale) == (50, 7.5)
+    assert (ours.diffusion.default_steps, ours.diffusion.guidance_scale) == (50, 7.5)
+    assert DiffusionConfig(num_timesteps=20).default_steps == 20  # a schedule shorter than 50: every timestep
     mine = TextToImagePipeline(ours.unet, ours.vae, ours.text_encoder,
                                dataclasses.replace(ours.diffusion, num_inference_steps=3, guidance_scale=2.0))
     mine.progress = False

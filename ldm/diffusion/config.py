@@ -32,7 +32,7 @@ class DiffusionConfig(JsonConfig):
     spacing: str = "trailing"
     steps_offset: int = 0
     sampler: str = "ddim"
-    num_inference_steps: int = 50
+    num_inference_steps: Optional[int] = None  # None: diffusers' 50, or every timestep of a shorter schedule
     guidance_scale: float = 7.5
 
     def __post_init__(self):
@@ -43,9 +43,15 @@ class DiffusionConfig(JsonConfig):
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {self.spacing!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
-        check_number("num_inference_steps", self.num_inference_steps, 1, self.num_timesteps, integer=True)
-        check_number("guidance_scale", self.guidance_scale, 0)
         self.build_schedule()  # validates the schedule name and length
+        if self.num_inference_steps is not None:
+            check_number("num_inference_steps", self.num_inference_steps, 1, self.num_timesteps, integer=True)
+        check_number("guidance_scale", self.guidance_scale, 0)
+
+    @property
+    def default_steps(self) -> int:
+        """The steps a pipeline takes when the caller names none."""
+        return min(50, self.num_timesteps) if self.num_inference_steps is None else self.num_inference_steps
 
     def build_schedule(self) -> NoiseSchedule:
         return NoiseSchedule.from_name(self.schedule, self.num_timesteps, beta_start=self.beta_start,

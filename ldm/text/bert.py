@@ -102,9 +102,8 @@ def _load_network(folder: Path) -> BertNetwork:
     config = json.loads((folder / "config.json").read_text())
     with torch.device("meta"):
         network = BertNetwork(config)
-    weights = {k: v for k, v in load_file(str(folder / "model.safetensors")).items()
-               if not k.startswith(IGNORED_KEYS)}
-    weights = {k.removeprefix("bert."): v for k, v in weights.items()}
+    weights = {k.removeprefix("bert."): v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    weights = {k: v for k, v in weights.items() if not k.startswith(IGNORED_KEYS)}
     return load_onto_meta(network, weights, str(folder / "model.safetensors")).eval()
 
 

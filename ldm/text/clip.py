@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .base import EncoderConfig, TextEncoder, read_config, write_config
@@ -122,20 +122,26 @@ class CLIPTextEncoder(TextEncoder):
         return encoder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, local_files_only: bool = True, **overrides) -> CLIPTextEncoder:
-        """Load a diffusers folder's text_encoder/ and tokenizer/; overrides set config fields (clip_skip, ...)."""
+    def from_pretrained(cls, folder: str | Path, *, local_files_only: bool = True, allow_pickle: bool = False,
+                        **overrides) -> CLIPTextEncoder:
+        """Load a diffusers folder's text_encoder/ and tokenizer/; overrides set config fields (clip_skip, ...).
+        Weights: model.safetensors, or pytorch_model.bin with allow_pickle=True (read with weights_only=True)."""
+        from ..checkpoints import load_state_dict
+
         folder = Path(folder)
         hf_config = json.loads((folder / "text_encoder" / "config.json").read_text())
         with_projection = "CLIPTextModelWithProjection" in (hf_config.get("architectures") or [])
         model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        weights = folder / "text_encoder" / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing (a CLIP text encoder's weights, as safetensors)")
+        weights = next((folder / "text_encoder" / name for name in ("model.safetensors", "pytorch_model.bin")
+                        if (folder / "text_encoder" / name).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(f"{folder / 'text_encoder'} holds no model.safetensors (a CLIP text encoder's "
+                                    "weights)")
         # Built from its config and loaded strictly, not by transformers' from_pretrained: that only prints a
         # report for keys that do not fit (e.g. a transformers-5 layout read by transformers 4) and leaves those
         # weights random. Both key layouts are read; any other mismatch is an error naming the keys.
         model = model_class(CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=local_files_only))
-        load_clip_text_weights(model, load_file(str(weights)), str(weights))
+        load_clip_text_weights(model, load_state_dict(weights, allow_pickle), str(weights))
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=local_files_only)
         saved = read_config(folder)
         if saved is not None:

@@ -25,6 +25,7 @@ from ..cli import int_at_least
 from ..data.images import to_model_range
 from ..data.shapes import make_batch
 from ..eval.metrics import psnr
+from ..files import write_text
 from ..nn.autoencoder import Autoencoder
 from ..nn.unet import UNetModel
 from ..text import HFTextEncoder
@@ -58,7 +59,7 @@ def export(args: argparse.Namespace) -> None:
     save_pipeline(model.eval(), ae, text, DIFFUSION, args.out)
     out = Path(args.out)
     if narrative:
-        (out / HISTORY_FILE).write_text(narrative)
+        write_text(out / HISTORY_FILE, narrative)
     for part, run_folder, title, earlier in (
             ("unet", args.unet, "U-Net training loss (v-prediction MSE)", history["prior_unet_steps"]),
             ("autoencoder", args.ae, "autoencoder loss (L1 + MSE)", history["prior_ae_steps"])):
@@ -71,8 +72,14 @@ def export(args: argparse.Namespace) -> None:
         else:
             (out / f"{part}_loss.png").write_bytes(curve)
     print(f"wrote {args.out} (U-Net {history['unet_steps']} steps, {history['unet_minutes']:.0f} min)", flush=True)
+    record = training_record(args, history, model, ae)  # written with or without the measurements
     if not args.no_card:
-        write_model_card(args, history)
+        record.update(measure(args, out))
+    write_json(record, out / TRAINING_FILE)
+    if not args.no_card:
+        card = render_model_card(out)
+        write_text(out / "MODEL_CARD.md", card)
+        print(card)
 
 
 def with_latents_of(ae: Autoencoder, reference: Autoencoder, flag: str, folder: Path) -> Autoencoder:
@@ -173,48 +180,46 @@ def _seconds_per_call(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def write_model_card(args: argparse.Namespace, history: dict) -> None:
-    """Measure the exported model (autoencoder PSNR on unseen scenes, the shapes benchmark, sampling speed) and
-    write TRAINING_FILE and, rendered from it, MODEL_CARD.md next to the weights."""
+def training_record(args: argparse.Namespace, history: dict, unet: UNetModel, ae: Autoencoder) -> dict:
+    """The exported folder's TRAINING_FILE without the measurements: steps, minutes, data, notes, commands."""
+    return {"autoencoder_steps": history["ae_steps"], "autoencoder_minutes": round(history["ae_minutes"], 1),
+            "unet_steps": history["unet_steps"], "unet_minutes": round(history["unet_minutes"], 1),
+            "unet_scenes": history["unet_data"][0], "unet_captions": history["unet_data"][1],
+            "autoencoder_note": history["ae_note"], "autoencoder_folded": history["ae_folded"],
+            "unet_note": history["unet_note"] if history["unet_unchanged"] or history["ae_folded"] else
+            AE_CARD[ae.config.kind]["unet_note"] + history["unet_note"],
+            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+            "autoencoder_parameters": sum(p.numel() for p in ae.parameters()),
+            "commands": history["commands"].splitlines(),
+            "export": f"python -m ldm.train.shapes export --ae {args.ae} --unet {args.unet} --out {args.out}"}
+
+
+def measure(args: argparse.Namespace, out: Path) -> dict:
+    """The exported model's figures for its card: autoencoder PSNR on unseen scenes, the ground-truth ceiling, the
+    shapes benchmark and sampling speed, all at the folder's own sampling defaults."""
     from pipelines import TextToImagePipeline
 
     from ..eval.shapes_bench import autoencoder_ceiling, run_shapes_benchmark
 
-    out = Path(args.out)
     pipe = TextToImagePipeline.from_pretrained(out)
     pipe.progress = False
     test_images, _ = make_batch(512, seed=3 * 10**6, size=64)
     x = to_model_range(test_images)
     with torch.no_grad():
         rec = torch.cat([pipe.vae.decode(pipe.vae.encode(x[i:i + 128], sample=False)) for i in range(0, 512, 128)])
-    ae_psnr = psnr(rec, x)
     ceiling = {split: round(s["mean"], 3) for split, s in autoencoder_ceiling(pipe.vae, per_task=args.per_task).items()}
-    bench = run_shapes_benchmark(pipe, num_inference_steps=20, guidance_scale=3.0, per_task=args.per_task)
-    one = _seconds_per_call(lambda: pipe("a red circle above a blue square", num_inference_steps=20,
-                                         guidance_scale=3.0, seed=0, output_type="np"), 5)
+    steps, guidance = DIFFUSION.num_inference_steps, DIFFUSION.guidance_scale
+    bench = run_shapes_benchmark(pipe, num_inference_steps=steps, guidance_scale=guidance, per_task=args.per_task)
+    one = _seconds_per_call(lambda: pipe("a red circle above a blue square", num_inference_steps=steps,
+                                         guidance_scale=guidance, seed=0, output_type="np"), 5)
     prompts = [p.text for p in bench_prompts_sample()]
-    many = _seconds_per_call(lambda: pipe(prompts, num_inference_steps=20, guidance_scale=3.0, seed=0,
+    many = _seconds_per_call(lambda: pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, seed=0,
                                           output_type="np"), 3)
-    kind = pipe.vae.config.kind
-    record = {"autoencoder_psnr_db": round(ae_psnr, 2), "autoencoder_ceiling": ceiling, "sampler": bench["sampler"],
-              "scores": bench["scores"], "per_task": args.per_task,
-              "seconds_per_image_benchmark": round(bench["seconds_per_image"], 4),
-              "seconds_batch_1": round(one, 4), "images_per_second_batch_32": round(32 / many, 1),
-              "autoencoder_steps": history["ae_steps"], "autoencoder_minutes": round(history["ae_minutes"], 1),
-              "unet_steps": history["unet_steps"], "unet_minutes": round(history["unet_minutes"], 1),
-              "unet_scenes": history["unet_data"][0], "unet_captions": history["unet_data"][1],
-              "autoencoder_note": history["ae_note"], "autoencoder_folded": history["ae_folded"],
-              "unet_note": history["unet_note"] if history["unet_unchanged"] or history["ae_folded"] else
-              AE_CARD[kind]["unet_note"] + history["unet_note"],
-              "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
-              "autoencoder_parameters": sum(p.numel() for p in pipe.vae.parameters()),
-              "commands": history["commands"].splitlines(),
-              "export": f"python -m ldm.train.shapes export --ae {args.ae} --unet {args.unet} --out {args.out}",
-              "hardware": hardware()}
-    write_json(record, out / TRAINING_FILE)
-    card = render_model_card(out)
-    (out / "MODEL_CARD.md").write_text(card)
-    print(card)
+    return {"autoencoder_psnr_db": round(psnr(rec, x), 2), "autoencoder_ceiling": ceiling,
+            "sampler": bench["sampler"], "scores": bench["scores"], "per_task": args.per_task,
+            "seconds_per_image_benchmark": round(bench["seconds_per_image"], 4),
+            "seconds_batch_1": round(one, 4), "images_per_second_batch_32": round(32 / many, 1),
+            "hardware": hardware()}
 
 
 def bench_prompts_sample() -> list:

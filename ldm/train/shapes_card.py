@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..checkpoints import read_json, resolve
+from ..files import write_text
 from ..eval.shapes_eval import SPLITS, format_table
 from ..nn.autoencoder import AutoencoderConfig
 from ..nn.unet import UNetConfig
@@ -33,9 +34,10 @@ def model_history(folder: Path) -> dict:
 
 def rewrite_card(args: argparse.Namespace) -> None:
     folder = resolve(args.model)
-    if not (folder / TRAINING_FILE).is_file():
-        raise SystemExit(f"--model {args.model!r}: no {TRAINING_FILE} there (written by export)")
-    (folder / "MODEL_CARD.md").write_text(render_model_card(folder))
+    if not (folder / TRAINING_FILE).is_file() or "scores" not in read_json(folder / TRAINING_FILE):
+        raise SystemExit(f"--model {args.model!r}: no {TRAINING_FILE} with measured figures there (written by "
+                         "export without --no-card)")
+    write_text(folder / "MODEL_CARD.md", render_model_card(folder))
     print(folder / "MODEL_CARD.md")
 
 

@@ -28,8 +28,8 @@ AE_CONFIGS = {
 UNET_CONFIG = UNetConfig(in_channels=8, out_channels=8, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
                          attention_resolutions=(1, 2), num_heads=4, context_dim=384, sample_size=8,
                          mask_context=True)
-# The shipped models' default sampler: DPM-Solver++(2M) drew more prompts right than DDIM at 20 steps (README).
-# the sampling defaults a folder stores: the settings the benchmark is measured with (20 steps, guidance 3)
+# The sampling defaults a folder stores, with which the benchmark is measured: DPM-Solver++(2M) (it drew more prompts
+# right than DDIM at 20 steps; the model cards' history), 20 steps, guidance 3.
 DIFFUSION = DiffusionConfig(schedule="cosine", prediction_type="v", spacing="trailing", sampler="dpmpp_2m",
                             num_inference_steps=20, guidance_scale=3.0)
 TEXT_MAX_LENGTH = 24  # the longest shapes caption is 20 MiniLM tokens

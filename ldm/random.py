@@ -1,6 +1,6 @@
 """Every random draw of the library goes through this file (a test checks that no other module calls torch's
 random functions). Noise is drawn on the generator's device, the CPU for the usual CPU generators and for no
-generator, and then moved to where it is used, as diffusers' randn_tensor does: a seed gives the same image on
+generator, and then moved to where it is used, as diffusers' randn_tensor does: a seed gives the same noise on
 a CPU, a CUDA GPU or an Apple GPU, and torch's refusal of a CPU generator for a CUDA tensor never arises. With one
 generator per row, row i is drawn from generator i, so a seed gives the same image at any batch size."""
 from __future__ import annotations
@@ -28,25 +28,28 @@ def _source(generator: Optional[torch.Generator]) -> torch.device:
     return CPU if generator is None else generator.device
 
 
+def _draw(draw, shape: Sequence[int], generator: Generator, device, **kwargs) -> torch.Tensor:
+    """draw(shape, generator=, device=, **kwargs) where each generator is, rows concatenated, moved to `device`."""
+    parts = [draw(s, generator=g, device=_source(g), **kwargs) for g, s in _rows(tuple(shape), generator)]
+    return (torch.cat(parts) if len(parts) > 1 else parts[0]).to(device)
+
+
 def randn(shape: Sequence[int], generator: Generator = None, dtype: torch.dtype = torch.float32,
           device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normal noise of `shape` on `device`; with a list of generators, row i is drawn from generator i."""
-    draws = [torch.randn(s, generator=g, dtype=dtype, device=_source(g)) for g, s in _rows(tuple(shape), generator)]
-    return torch.cat(draws).to(device) if len(draws) > 1 else draws[0].to(device)
+    return _draw(torch.randn, shape, generator, device, dtype=dtype)
 
 
 def rand(shape: Sequence[int], generator: Generator = None, dtype: torch.dtype = torch.float32,
          device: torch.device | str = "cpu") -> torch.Tensor:
     """Uniform noise in [0, 1) of `shape` on `device` (e.g. caption dropout); per-row generators as randn."""
-    draws = [torch.rand(s, generator=g, dtype=dtype, device=_source(g)) for g, s in _rows(tuple(shape), generator)]
-    return torch.cat(draws).to(device) if len(draws) > 1 else draws[0].to(device)
+    return _draw(torch.rand, shape, generator, device, dtype=dtype)
 
 
 def randint(high: int, shape: Sequence[int], generator: Generator = None,
             device: torch.device | str = "cpu") -> torch.Tensor:
     """Integers uniform in [0, high) of `shape` on `device` (e.g. training timesteps); per-row generators as randn."""
-    draws = [torch.randint(0, high, s, generator=g, device=_source(g)) for g, s in _rows(tuple(shape), generator)]
-    return torch.cat(draws).to(device) if len(draws) > 1 else draws[0].to(device)
+    return _draw(lambda size, **kw: torch.randint(0, high, size, **kw), shape, generator, device)
 
 
 def multinomial(probs: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None,

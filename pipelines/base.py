@@ -87,7 +87,8 @@ class LatentDiffusionPipeline:
         """Load our folder format, a diffusers folder (model_index.json) or an original single-file SD
         checkpoint (.safetensors; .ckpt only with allow_pickle=True). None loads the shipped default model.
         device: "cpu", "cuda", "mps"; dtype: torch.float32, bfloat16 or float16."""
-        check_device(device), check_dtype(dtype)  # before reading gigabytes of weights
+        check_device(device)  # both before reading gigabytes of weights
+        check_dtype(dtype)
         parts = checkpoints.load_pipeline(path, prediction_type=prediction_type, allow_pickle=allow_pickle)
         pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.diffusion)
         return pipe.to(device, dtype)
@@ -167,7 +168,7 @@ class LatentDiffusionPipeline:
             raise ValueError(f"seed must be an int in [0, 2**64 - 1] (image k gets seed + k) or a list of {batch} "
                              f"such ints, one per image; got {seed!r}")
         # CPU generators whatever the device: noise is drawn on the CPU and moved (ldm.random), so a seed gives the
-        # same image on every device
+        # same noise on every device
         return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds], [int(s) for s in seeds]
 
     def denoiser(self, cond: torch.Tensor, cond_mask: torch.Tensor, uncond: Optional[torch.Tensor],

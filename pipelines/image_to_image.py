@@ -8,10 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.config import check_number
 from ldm.diffusion import process
 from ldm.random import Generator, randn
-
-from ldm.config import check_number
 
 from .base import LatentDiffusionPipeline, PipelineOutput, check_prompts
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Union
 
-from ldm.random import Generator, randn
-
 from ldm.config import check_number
+from ldm.random import Generator, randn
 
 from .base import LatentDiffusionPipeline, PipelineOutput, check_prompts
 
@@ -13,10 +12,9 @@ from .base import LatentDiffusionPipeline, PipelineOutput, check_prompts
 class TextToImagePipeline(LatentDiffusionPipeline):
     def __call__(self, prompt: Union[str, Sequence[str]], negative_prompt: Union[None, str, Sequence[str]] = None,
                  num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                 sampler: Optional[str] = None,
-                 eta: float = 0.0, thresholding=None, height: Optional[int] = None, width: Optional[int] = None,
-                 num_images_per_prompt: int = 1, seed: Union[None, int, Sequence[int]] = None,
-                 generator: Generator = None, output_type: str = "pil",
+                 sampler: Optional[str] = None, eta: float = 0.0, thresholding=None, height: Optional[int] = None,
+                 width: Optional[int] = None, num_images_per_prompt: int = 1,
+                 seed: Union[None, int, Sequence[int]] = None, generator: Generator = None, output_type: str = "pil",
                  callback: Optional[Callable] = None) -> PipelineOutput:
         """Generate images for one prompt or a list of prompts ("" draws unconditional samples).
 

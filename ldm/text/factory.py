@@ -17,9 +17,10 @@ ENCODER_KINDS: dict[str, tuple[str, str]] = {
 }
 
 
-def encoder_class(kind: str) -> type[TextEncoder]:
+def encoder_class(kind: str, source: str = "") -> type[TextEncoder]:
+    """The TextEncoder class of a kind, imported now; `source` (where the kind was read) goes into the error."""
     if kind not in ENCODER_KINDS:
-        raise ValueError(f"unknown text encoder kind {kind!r}; known: {sorted(ENCODER_KINDS)}")
+        raise ValueError(f"unknown text encoder kind {kind!r}{source}; known: {sorted(ENCODER_KINDS)}")
     module, name = ENCODER_KINDS[kind]
     cls = getattr(importlib.import_module(f".{module}", __package__), name)
     if cls.kind != kind:
@@ -32,8 +33,4 @@ def load_text_encoder(folder: str | Path, **overrides) -> TextEncoder:
     saved = read_config(folder)
     if saved is None:
         raise ValueError(f"{folder} has no {CONFIG_NAME}; was it written by a TextEncoder's save_pretrained?")
-    kind = saved[0]
-    if kind not in ENCODER_KINDS:
-        raise ValueError(f"unknown text encoder kind {kind!r} in {Path(folder) / CONFIG_NAME}; "
-                         f"known: {sorted(ENCODER_KINDS)}")
-    return encoder_class(kind).from_pretrained(folder, **overrides)
+    return encoder_class(saved[0], f" in {Path(folder) / CONFIG_NAME}").from_pretrained(folder, **overrides)

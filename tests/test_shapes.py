@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from ldm.data.shapes import (COLORS, FILL, HELD_OUT, KINDS, OPPOSITE, POSITION_PHRASES, POSITIONS, RELATION_PHRASES,
-                             SHAPES, SIZES, Scene, ShapeObject, ShapesDataset, caption, make_batch, place,
-                             position_of, relation_holds, render, sample_scene)
+                             SHAPES, SIZES, Scene, ShapeObject, caption, place, position_of, relation_holds, render,
+                             sample_scene)
+from ldm.data.shapes_dataset import ShapesDataset, example, make_batch
 from ldm.eval.shapes_eval import (SPLITS, TASKS, Expectation, ObjectSpec, benchmark_prompts, detect,
                                   evaluate, format_table, ground_truth, prompt_text, scene_for, score)
 
@@ -304,6 +305,25 @@ def test_dataset_items():
         ds[10]
     images, captions = make_batch(3, seed=0, size=48)
     assert images.shape == (3, 48, 48, 3) and images.dtype == np.uint8 and len(captions) == 3
+
+
+def test_dataset_batches_are_its_items_rendered_once():
+    # the one rendering loop: batch(), captions() and pixel_values() are the items of example(seed, i)
+    ds = ShapesDataset(size=32, length=9, seed=7)
+    images, captions = ds.batch(2, 5)
+    for k, i in enumerate(range(2, 7)):
+        scene, text = example(7, i)
+        assert np.array_equal(images[k], render(scene, 32)) and captions[k] == text
+        assert torch.equal(ds.pixel_values(i), ds[i][0]) and torch.equal(ds.pixel_values(i, epoch=3), ds[i][0])
+    assert ds.captions(2, 5) == captions and ds.captions() == ds.batch()[1] and len(ds.captions()) == 9
+    assert ds.batch(9, 0)[0].shape == (0, 32, 32, 3)
+    made = make_batch(5, seed=7, size=32, start=2)
+    assert np.array_equal(made[0], images) and made[1] == captions
+    for start, n in [(8, 2), (-1, 1), (0, -1), (0, 1.5)]:
+        with pytest.raises(IndexError, match="out of range"):
+            ds.batch(start, n)
+    with pytest.raises(ValueError, match="start must be an integer >= 0"):
+        make_batch(2, start=-1)
 
 
 # --------------------------------------------------------------------------------------------- renderer

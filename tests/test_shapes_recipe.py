@@ -12,7 +12,7 @@ from ldm.data.images import to_model_range
 from ldm.nn.vq_init import kmeans
 from ldm.train.shapes_autoencoder import vq_from_kl
 from ldm.train.shapes_common import AE_CONFIGS
-from ldm.data.shapes import make_batch
+from ldm.data.shapes_dataset import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -345,7 +345,7 @@ def test_training_history_of_a_unet_exported_unchanged_from_a_model_folder(tmp_p
 
 
 def test_binding_examples_are_exactly_the_two_object_and_scenes():
-    from ldm.data.shapes import example
+    from ldm.data.shapes_dataset import example
     from ldm.train.shapes_unet import binding_examples
     found = set(binding_examples(400, seed=3).tolist())
     assert 10 < len(found) < 60  # about 7% of the stream
@@ -409,3 +409,32 @@ def test_an_autoencoder_exported_again_from_its_folder_keeps_its_note(tmp_path):
     (folder / "training.json").write_text('{"autoencoder_steps": 16827}')
     older = training_history(argparse.Namespace(ae=str(folder), unet=str(run)), state)
     assert (older["ae_note"], older["ae_folded"]) == ("", False) and "folded" not in older["unet_note"]
+
+
+def test_unet_run_caches_are_the_scene_stream_through_the_trainers_encoders(tmp_path):
+    # the recipe's latent and caption caches: ShapesDataset's stream encoded by encode_latents (posterior means,
+    # as Autoencoder.encode(x, sample=False)) and encode_caption_table; built once, then read back
+    import argparse
+
+    from ldm.train.shapes_autoencoder import rescaled
+    from ldm.train.shapes_unet import prepare_latents, prepare_text
+    from tests.test_folder_data import FakeTextEncoder
+
+    args = argparse.Namespace(num_images=5, seed=3)
+    torch.manual_seed(0)
+    ae = rescaled(Autoencoder(AE_CONFIGS["kl"]), scaling_factor=0.5, shift_factor=0.1)
+    images, captions = make_batch(5, seed=3, size=64)
+    with torch.no_grad():
+        # contiguous: to_model_range of [N, H, W, 3] is channels-last, whose convolutions round differently
+        expected = ae.encode(to_model_range(images).contiguous(), sample=False)
+    data = prepare_latents(args, tmp_path, ae)
+    torch.testing.assert_close(data["latents"], expected, atol=1e-5, rtol=1e-5)
+    text = prepare_text(args, tmp_path, FakeTextEncoder())
+    rows = text["caption_ids"]
+    for i, c in enumerate(captions):
+        ref = FakeTextEncoder().encode([c])
+        n = ref.mask.shape[1]
+        assert torch.equal(text["embeddings"][rows[i], :n], ref.embeddings[0].half())
+        assert text["masks"][rows[i], :n].all()
+    assert text["empty_id"] == 0 and not text["masks"][0, 2:].any()
+    assert torch.equal(prepare_latents(args, tmp_path, None)["latents"], data["latents"])  # read back, not re-encoded

@@ -334,22 +334,17 @@ def encode_caption_table(text_encoder, captions, batch_size: int = 16):
 
 
 @torch.no_grad()
-def cache_latents_and_text(dataset: CaptionedImageFolder, vae, text_encoder, batch_size: int = 16,
-                           path: str | Path | None = None) -> CachedLatentDataset:
-    """Encode every image once with the frozen VAE and every distinct caption (plus "") once with the text encoder.
-
-    KL: the posterior N(mean, std^2) mapped like Autoencoder.encode, mean' = s * (mean - shift), std' = s * std, so
-    mean' + std' * eps is a posterior sample of z; VQ: mean' = encode(x), std' = 0. Saved to `path` when given.
-    """
-    if dataset.crop != "center" or dataset.random_flip:
-        raise ValueError("cache_latents_and_text needs crop='center' and random_flip=False: the cache stores one "
-                         f"view per image, got crop={dataset.crop!r}, random_flip={dataset.random_flip}")
+def encode_latents(dataset, vae, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of `dataset` (anything with len() and pixel_values(i, epoch) in [-1, 1]: a CaptionedImageFolder,
+    a ShapesDataset) encoded once by the frozen autoencoder, epoch 0's view: (mean, std) [N, C, h, w] on the CPU in
+    float32, mapped like Autoencoder.encode. KL: mean' = s * (mean - shift), std' = s * std, so mean' + std' * eps
+    is a posterior sample of z and mean' is encode(x, sample=False); VQ: mean' = encode(x), std' = 0."""
     if not is_int(batch_size) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     config, device = vae.config, next(vae.parameters()).device
     shift = config.shift_factor if config.shift_factor is not None else 0.0
     means, stds = [], []
-    with _eval_mode(vae, text_encoder):
+    with _eval_mode(vae):
         for start in range(0, len(dataset), batch_size):
             x = torch.stack([dataset.pixel_values(i, 0) for i in range(start, min(start + batch_size, len(dataset)))])
             x = x.to(device)
@@ -361,11 +356,26 @@ def cache_latents_and_text(dataset: CaptionedImageFolder, vae, text_encoder, bat
                 std = torch.zeros_like(mean)
             means.append(mean.float().cpu())
             stds.append(std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def cache_latents_and_text(dataset: CaptionedImageFolder, vae, text_encoder, batch_size: int = 16,
+                           path: str | Path | None = None) -> CachedLatentDataset:
+    """Encode every image once with the frozen VAE (encode_latents) and every distinct caption (plus "") once with
+    the text encoder (encode_caption_table). Saved to `path` when given."""
+    if dataset.crop != "center" or dataset.random_flip:
+        raise ValueError("cache_latents_and_text needs crop='center' and random_flip=False: the cache stores one "
+                         f"view per image, got crop={dataset.crop!r}, random_flip={dataset.random_flip}")
+    if not is_int(batch_size) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    mean, std = encode_latents(dataset, vae, batch_size)
     table, emb, mask, pooled = encode_caption_table(text_encoder, dataset.captions, batch_size)
     row_of = {c: k for k, c in enumerate(table)}
+    config = vae.config
     info = {"root": str(dataset.root), "format": dataset.format, "resolution": dataset.resolution,
             "vae_kind": config.kind, "scaling_factor": config.scaling_factor, "shift_factor": config.shift_factor}
-    cache = CachedLatentDataset(torch.cat(means), torch.cat(stds), emb, mask,
+    cache = CachedLatentDataset(mean, std, emb, mask,
                                 torch.tensor([row_of[c] for c in dataset.captions], dtype=torch.long), table,
                                 pooled, dataset.caption_dropout, dataset.seed,
                                 [p.relative_to(dataset.root).as_posix() for p in dataset.files], info)

@@ -1,6 +1,6 @@
-"""Shapes world (specs/shapes-world.md): flat-colored shapes on a plain background, their captions, and a
-deterministic infinite dataset. Coordinates are relative to the canvas (0 = left/top, 1 = right/bottom) and an
-object's (cx, cy) is the center of its bounding box, whose side is SIZES[size] of the canvas side.
+"""Shapes world (specs/shapes-world.md): flat-colored shapes on a plain background, their captions and the scene
+sampler (the stream as a dataset is shapes_dataset). Coordinates are relative to the canvas (0 = left/top,
+1 = right/bottom) and an object's (cx, cy) is the center of its bounding box, whose side is SIZES[size] of the canvas side.
 
 Rendering is anti-aliased by default (4 x 4 supersampled coverage, blended toward the background; box
 corners snap to a 1/8 px grid so that coverage masks are cached): interiors
@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from ..config import is_int, is_number
-from .images import to_model_range
 
 COLORS = {
     "red": (230, 25, 25), "green": (25, 180, 25), "blue": (25, 60, 230), "yellow": (240, 220, 20),
@@ -404,49 +402,3 @@ def caption(scene: Scene, rng: Optional[np.random.Generator] = None) -> str:
         else:
             text = f"a {scene.background} background with {text}"
     return text
-
-
-# ----------------------------------------------------------------------------------------------- dataset
-
-def example(seed: int, index: int, allow_heldout: bool = False) -> tuple[Scene, str]:
-    """Example `index` of the stream `seed`: its own generator, so it does not depend on batch or order."""
-    rng = np.random.default_rng([int(seed), int(index)])
-    scene = sample_scene(rng, allow_heldout=allow_heldout)
-    return scene, caption(scene, rng)
-
-
-def make_batch(n: int, seed: int = 0, size: int = 64, start: int = 0,
-               allow_heldout: bool = False) -> tuple[np.ndarray, list[str]]:
-    """Examples start .. start + n - 1 of stream `seed`: (uint8 images [n, size, size, 3], captions)."""
-    check_size(size)
-    if not is_int(n) or n < 0:
-        raise ValueError(f"n must be an integer >= 0; got {n!r}")
-    images = np.empty((n, size, size, 3), np.uint8)
-    captions = []
-    for i in range(n):
-        scene, text = example(seed, start + i, allow_heldout)
-        images[i] = render(scene, size)
-        captions.append(text)
-    return images, captions
-
-
-class ShapesDataset(torch.utils.data.Dataset):
-    """(image float [3, size, size] in [-1, 1], caption) pairs; item i equals make_batch(..., start=i)[0]."""
-
-    def __init__(self, size: int = 64, length: int = 100_000, seed: int = 0, allow_heldout: bool = False):
-        check_size(size)
-        if not is_int(length) or length < 1:
-            raise ValueError(f"length must be an integer >= 1; got {length!r}")
-        self.size, self.length, self.seed, self.allow_heldout = size, int(length), seed, allow_heldout
-
-    def __len__(self) -> int:
-        return self.length
-
-    def scene(self, index: int) -> tuple[Scene, str]:
-        if not -self.length <= index < self.length:
-            raise IndexError(f"index {index} out of range for a dataset of length {self.length}")
-        return example(self.seed, index % self.length, self.allow_heldout)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        scene, text = self.scene(index)
-        return to_model_range(render(scene, self.size)), text

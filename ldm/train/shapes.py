@@ -22,8 +22,6 @@ import torch
 
 from ..checkpoints import load_component, save_pipeline, write_json
 from ..cli import int_at_least
-from ..data.images import to_model_range
-from ..data.shapes import make_batch
 from ..eval.metrics import psnr
 from ..files import write_text
 from ..nn.autoencoder import Autoencoder
@@ -32,7 +30,7 @@ from ..text import HFTextEncoder
 from .ema import EMA
 from .shapes_autoencoder import autoencoder_history, load_autoencoder, rescaled, train_autoencoder
 from .shapes_card import AE_CARD, HISTORY_FILE, TRAINING_FILE, model_history, render_model_card, rewrite_card
-from .shapes_common import AE_CONFIGS, DIFFUSION, TEXT_MAX_LENGTH, hardware, plot_curve, training_source
+from .shapes_common import AE_CONFIGS, DIFFUSION, TEXT_MAX_LENGTH, hardware, plot_curve, scenes, training_source
 from .shapes_unet import prepare_latents, prepare_text, train_unet, unet_config_of
 from .state import load_training_state
 
@@ -88,7 +86,7 @@ def with_latents_of(ae: Autoencoder, reference: Autoencoder, flag: str, folder: 
     means; for VQ the pre-quantization latents) of a fixed batch of scenes, to 1e-4. A decoder-only fine-tune of
     reference gives them exactly, a VQ autoencoder folded from it and trained decoder-only (--init-from-kl
     --decoder-only) to float rounding (~1e-5)."""
-    x = to_model_range(make_batch(16, seed=4 * 10**6, size=64)[0])
+    x = scenes(4 * 10**6, 16)
     with torch.no_grad():
         ours, theirs = (rescaled(m, scaling_factor=1.0, shift_factor=None).encode(x, sample=False)
                         for m in (ae, reference))
@@ -203,8 +201,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
 
     pipe = TextToImagePipeline.from_pretrained(out)
     pipe.progress = False
-    test_images, _ = make_batch(512, seed=3 * 10**6, size=64)
-    x = to_model_range(test_images)
+    x = scenes(3 * 10**6, 512)
     with torch.no_grad():
         rec = torch.cat([pipe.vae.decode(pipe.vae.encode(x[i:i + 128], sample=False)) for i in range(0, 512, 128)])
     ceiling = {split: round(s["mean"], 3) for split, s in autoencoder_ceiling(pipe.vae, per_task=args.per_task).items()}

@@ -10,13 +10,11 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import load_component
-from ..data.images import to_model_range
-from ..data.shapes import make_batch
 from ..eval.metrics import psnr
 from ..nn.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderOutput
 from ..nn.vq_init import fold_kl_encoder, kmeans
 from .shapes_card import model_history
-from .shapes_common import AE_CONFIGS, Run, training_source
+from .shapes_common import AE_CONFIGS, Run, scenes, training_source
 from .state import load_training_state, rng_state, set_rng_state
 from .trainer_utils import cosine_decay
 
@@ -74,13 +72,11 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         print(f"initialized from the KL autoencoder in {args.init_from_kl} ({prior['autoencoder_steps']} steps)",
               flush=True)
     reg_weight = args.reg_weight if args.reg_weight is not None else {"kl": 1e-6, "vq": 1.0}[args.kind]
-    val_images, _ = make_batch(256, seed=10**6, size=64)
-    val = to_model_range(val_images)
+    val = scenes(10**6, 256)
     start = time.time()
     # the learning rate is 0 from --total-steps on (cosine to 0), so the run ends there or at --minutes
     while not run.out_of_time() and step < args.total_steps:
-        images, _ = make_batch(args.batch, seed=args.seed * 10**7 + step, size=64)
-        x = to_model_range(images)
+        x = scenes(args.seed * 10**7 + step, args.batch)
         if args.decoder_only:
             with torch.no_grad():
                 z = model.encode(x, sample=False)  # posterior mean (VQ: pre-quantization): what a U-Net trains on
@@ -169,10 +165,10 @@ def vq_from_kl(vq: Autoencoder, kl_state: dict, seed: int = 0, num_images: int =
     if autoencoder_kind(kl_state) == "vq":
         raise ValueError("kl_state must be a KL autoencoder's state dict, not a VQ one")
     state = fold_kl_encoder(kl_state, vq.config)
-    images, _ = make_batch(num_images, seed=seed * 10**7 + 5 * 10**6, size=64)
+    x = scenes(seed * 10**7 + 5 * 10**6, num_images)
     vq.load_state_dict({**state, "quantize.embedding.weight": vq.quantize.embedding.weight})
     with torch.no_grad():
-        z = torch.cat([vq._moments(to_model_range(images[i:i + 512])) for i in range(0, num_images, 512)])
+        z = torch.cat([vq._moments(x[i:i + 512]) for i in range(0, num_images, 512)])
         vq.quantize.embedding.weight.copy_(kmeans(z.permute(0, 2, 3, 1).reshape(-1, vq.config.embed_dim),
                                                   vq.config.n_embed, seed=seed))
 
@@ -198,9 +194,8 @@ def load_autoencoder(folder: str) -> Autoencoder:
     model = Autoencoder(autoencoder_config(st["model"]))
     model.load_state_dict(st["model"])
     model.eval()
-    images, _ = make_batch(512, seed=2 * 10**6, size=64)
     with torch.no_grad():
-        z = model.encode(to_model_range(images), sample=False)
+        z = model.encode(scenes(2 * 10**6, 512), sample=False)
     return rescaled(model, scaling_factor=round(1 / z.std().item(), 5))
 
 

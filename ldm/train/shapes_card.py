@@ -108,7 +108,7 @@ Shapes benchmark mean (the share of prompts drawn right), seen / held-out compos
   v-prediction, EMA weights. Config: `{unet_config}`
 
 ## Data
-Scenes and captions sampled by `ldm.data.shapes.make_batch` (1-3 objects, counts, positions, relations,
+Scenes and captions of `ldm.data.ShapesDataset` (1-3 objects, counts, positions, relations,
 three backgrounds, varied wording). The five held-out color-shape pairs (green star, purple triangle,
 orange square, cyan circle, pink diamond) never appear in the training data. Autoencoder: a fresh batch
 of scenes every step (`--batch` in the commands below, 32 where none is given). U-Net: {num_images} scenes

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from ..checkpoints import PIPELINE_FILE, resolve
+from ..data.images import to_model_range
+from ..data.shapes_dataset import ShapesDataset
 from ..diffusion.config import DiffusionConfig
 from ..nn.autoencoder import AutoencoderConfig
 from ..nn.unet import UNetConfig
@@ -33,6 +35,12 @@ UNET_CONFIG = UNetConfig(in_channels=8, out_channels=8, model_channels=64, chann
 DIFFUSION = DiffusionConfig(schedule="cosine", prediction_type="v", spacing="trailing", sampler="dpmpp_2m",
                             num_inference_steps=20, guidance_scale=3.0)
 TEXT_MAX_LENGTH = 24  # the longest shapes caption is 20 MiniLM tokens
+
+
+def scenes(seed: int, n: int) -> torch.Tensor:
+    """The first n scenes of the 64x64 stream `seed` (ShapesDataset) as tensors [n, 3, 64, 64] in [-1, 1]: the
+    recipe's batches, validation and test sets are such streams."""
+    return to_model_range(ShapesDataset(64, n, seed).batch()[0])
 
 
 def hardware() -> str:

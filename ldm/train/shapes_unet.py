@@ -11,9 +11,8 @@ from typing import Optional
 import torch
 
 from ..checkpoints import load_component
-from ..data.folder import encode_caption_table
-from ..data.images import to_model_range
-from ..data.shapes import example, make_batch
+from ..data.folder import encode_caption_table, encode_latents
+from ..data.shapes_dataset import ShapesDataset, example
 from ..diffusion import Denoiser, UniformSampler, training_losses
 from ..nn.autoencoder import Autoencoder
 from ..nn.unet import UNetConfig, UNetModel, load_shallower
@@ -40,7 +39,7 @@ def prepare_text(args: argparse.Namespace, folder: Path, text: HFTextEncoder) ->
     if path.exists():
         return load_training_state(path)
     t0 = time.time()
-    _, captions = make_batch(args.num_images, seed=args.seed, size=16)  # captions only: tiny renders
+    captions = ShapesDataset(length=args.num_images, seed=args.seed).captions()
     index, embs, masks = _text_cache(text, captions)
     cache = {"caption_ids": torch.tensor([index[c] for c in captions]), "embeddings": embs, "masks": masks,
              "empty_id": index[""]}
@@ -50,18 +49,13 @@ def prepare_text(args: argparse.Namespace, folder: Path, text: HFTextEncoder) ->
 
 
 def prepare_latents(args: argparse.Namespace, folder: Path, ae: Autoencoder) -> dict:
-    """Latents (posterior means) of the run's scenes (data.pt), computed once with the trained autoencoder."""
+    """Latents (posterior means, encode(x, sample=False)) of the run's scenes (data.pt), computed once with the
+    trained autoencoder by the trainer's encode_latents."""
     path = folder / "data.pt"
     if path.exists():
         return load_training_state(path)
     t0 = time.time()
-    latents = []
-    with torch.no_grad():
-        for start in range(0, args.num_images, 1024):
-            n = min(1024, args.num_images - start)
-            images, _ = make_batch(n, seed=args.seed, size=64, start=start)
-            latents.append(ae.encode(to_model_range(images), sample=False))
-    data = {"latents": torch.cat(latents)}
+    data = {"latents": encode_latents(ShapesDataset(length=args.num_images, seed=args.seed), ae, 1024)[0]}
     save_training_state(data, path)
     print(f"encoded {args.num_images} images in {time.time() - t0:.0f} s", flush=True)
     return data

@@ -20,7 +20,7 @@ def _oracle_table(args: argparse.Namespace) -> int:
 
     schedule = NoiseSchedule.from_name(args.schedule)
     mean, std = 0.3, 0.5
-    denoise = gaussian_denoiser(schedule, mean, std)
+    denoise = gaussian_denoiser(mean, std)
     print(f"x0 ~ N({mean}, {std}^2), {args.samples} samples, {args.schedule} schedule, T={schedule.num_timesteps}")
     print(f"{'sampler':<36}{'mean':>8}{'std':>8}{'std/true':>10}{'seconds':>9}")
     runs = [("ddpm", 1000, {}), ("ddpm", 50, {}), ("ddpm", 50, {"variance": "fixed_large"}),
@@ -145,7 +145,8 @@ def _generate(args: argparse.Namespace) -> int:
         pipe = cls.from_pretrained(args.model, allow_pickle=args.allow_pickle, dtype=DTYPES[args.dtype],
                                    device=_device(args.device))
         kwargs = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      sampler=args.sampler, eta=args.eta, num_images_per_prompt=args.num_images, seed=args.seed)
+                      sampler=args.sampler, eta=args.eta, sampler_options=_sampler_options(args.sampler_option),
+                      num_images_per_prompt=args.num_images, seed=args.seed)
         if args.command == "img2img":
             out = pipe(args.prompt, image=image, strength=args.strength, **kwargs)
         else:
@@ -159,6 +160,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampler_options(pairs: list[str]) -> dict:
+    """--sampler-option KEY=VALUE pairs as a dict; VALUE is read as JSON (1, 0.5, true, "text") or else as text."""
+    import json
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--sampler-option expects KEY=VALUE (e.g. eta=1.0); got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
 def _add_generation_args(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("prompt")
     cmd.add_argument("--model", default=None, help="our folder, a diffusers folder, an SD .safetensors file, or the "
@@ -169,7 +186,10 @@ def _add_generation_args(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; default: the "
                      "model's own (shapes-64: 3; 7.5 where a folder stores none)")
     cmd.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES, help=SAMPLER_HELP)
-    cmd.add_argument("--eta", type=float, default=0.0)
+    cmd.add_argument("--eta", type=float, default=0.0, help="ddim's eta (the same as --sampler-option eta=...)")
+    cmd.add_argument("--sampler-option", action="append", metavar="KEY=VALUE", help="an option of the sampler, "
+                     "repeatable (" + "; ".join(f"{name}: {', '.join(spec.options) or 'none'}"
+                                                for name, spec in SAMPLERS.items()) + ")")
     cmd.add_argument("--seed", type=int_at_least(0), default=0, help="image k gets seed + k")
     cmd.add_argument("--num-images", type=int_at_least(1), default=1)
     _add_device_args(cmd)

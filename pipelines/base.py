@@ -19,8 +19,8 @@ from ldm.device import check_device, check_dtype
 from ldm.diffusion import Denoiser
 from ldm.diffusion.config import DiffusionConfig
 from ldm.random import Generator
-from ldm.sampling import (SAMPLERS, classifier_free_guidance, dynamic_thresholding, resolve_timesteps, sample,
-                          static_thresholding)
+from ldm.diffusion.grids import noise_levels
+from ldm.sampling import classifier_free_guidance, dynamic_thresholding, get_sampler, static_thresholding
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 THRESHOLDING = ("static", "dynamic")
@@ -28,11 +28,13 @@ THRESHOLDING = ("static", "dynamic")
 
 @dataclass(frozen=True)
 class Settings:
-    """What check_common resolved: negative prompts (or None), sampler, steps and guidance scale."""
+    """What check_common resolved: negative prompts (or None), sampler and its checked options (defaults filled
+    in), steps and guidance scale."""
     negatives: Optional[list[str]]
     sampler: str
     num_inference_steps: int
     guidance_scale: float
+    sampler_options: dict
 
 
 @dataclass
@@ -190,9 +192,9 @@ class LatentDiffusionPipeline:
         else:
             kind, options = None, {}
         if kind == "static":
-            return static_thresholding(denoise, self.schedule, **options)
+            return static_thresholding(denoise, **options)
         if kind == "dynamic":
-            return dynamic_thresholding(denoise, self.schedule, **options)
+            return dynamic_thresholding(denoise, **options)
         raise ValueError(f"thresholding must be None, 'static', 'dynamic' or a dict with kind in {THRESHOLDING}; "
                          f"got {thresholding!r}")
 
@@ -201,24 +203,25 @@ class LatentDiffusionPipeline:
         not: it attends to padding tokens) and anything is masked (else SDPA keeps its fast path)."""
         return mask if self.unet.config.mask_context and not bool(mask.all()) else None
 
-    def run_sampler(self, denoise, latents: torch.Tensor, timesteps: torch.Tensor, sampler: str, eta: float,
+    def run_sampler(self, denoise, latents: torch.Tensor, sigmas: torch.Tensor, run: Settings,
                     generator: Generator, callback: Optional[Callable]) -> torch.Tensor:
-        options = {"eta": eta} if sampler == "ddim" else {}
-        bar = tqdm(total=len(timesteps), disable=not self.progress, desc=sampler, leave=False)
+        """Walk the noise levels `sigmas` (the grid's last one included) with the run's sampler, with a progress
+        bar and a check for non-finite latents after every step; callback(i, sigma, x, prediction)."""
+        bar = tqdm(total=len(sigmas) - 1, disable=not self.progress, desc=run.sampler, leave=False)
 
-        def on_step(i, t, x, pred):
+        def on_step(i, sigma, x, pred):
             if not bool(torch.isfinite(x).all()):
                 bar.close()
                 raise FloatingPointError(
-                    f"non-finite latents after step {i} (t={t}) of {sampler}; in float16/bfloat16 try float32, "
-                    "or a smaller guidance_scale")
+                    f"non-finite latents after step {i} (sigma={sigma:.4g}) of {run.sampler}; in float16/bfloat16 "
+                    "try float32, or a smaller guidance_scale")
             bar.update(1)
             if callback is not None:
-                callback(i, t, x, pred)
+                callback(i, sigma, x, pred)
 
         with torch.no_grad():
-            out = sample(denoise, latents, self.schedule, None, sampler, generator, timesteps=timesteps,
-                         callback=on_step, **options)
+            out = get_sampler(run.sampler).fn(denoise, latents, sigmas, generator=generator, callback=on_step,
+                                              **run.sampler_options)
         bar.close()
         return out
 
@@ -235,9 +238,10 @@ class LatentDiffusionPipeline:
         return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
     def check_common(self, prompts: list[str], negative_prompt, num_inference_steps, guidance_scale, sampler, eta,
-                     num_images_per_prompt, output_type) -> Settings:
+                     sampler_options, num_images_per_prompt, output_type) -> Settings:
         """Validate the arguments every pipeline takes. None for sampler, num_inference_steps or guidance_scale is
-        the model's own default, stored in its folder (`diffusion` in ldm_pipeline.json)."""
+        the model's own default, stored in its folder (`diffusion` in ldm_pipeline.json). eta (diffusers' name)
+        is sampler_options["eta"], an option of ddim only."""
         steps = self.diffusion.default_steps if num_inference_steps is None else num_inference_steps
         guidance = self.diffusion.guidance_scale if guidance_scale is None else guidance_scale
         check_number("num_inference_steps", steps, 1, self.schedule.num_timesteps, integer=True)
@@ -246,21 +250,29 @@ class LatentDiffusionPipeline:
         check_number("num_images_per_prompt", num_images_per_prompt, 1, integer=True)
         default = sampler is None
         sampler = self.diffusion.sampler if default else sampler
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-        if eta and sampler != "ddim":
-            raise ValueError(f"eta applies to the ddim sampler only; got eta={eta} with sampler={sampler!r}"
-                             + (" (this model's default; pass sampler='ddim', or --sampler ddim)" if default else ""))
+        spec = get_sampler(sampler)
+        if sampler_options is not None and not isinstance(sampler_options, dict):
+            raise ValueError(f"sampler_options must be a dict of the sampler's options; got {sampler_options!r}")
+        options = dict(sampler_options or {})
+        if eta:
+            if "eta" in options and options["eta"] != eta:
+                raise ValueError(f"eta={eta} and sampler_options['eta']={options['eta']} disagree; pass one")
+            options["eta"] = eta
+        try:
+            options = spec.check_options(options)
+        except ValueError as err:
+            hint = " (the model's default sampler; name one with sampler=..., or --sampler)" if default else ""
+            raise ValueError(f"{err}{hint}") from None
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
         if negative_prompt is None:
-            return Settings(None, sampler, steps, guidance)
+            return Settings(None, sampler, steps, guidance, options)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         if not isinstance(negatives, (list, tuple)) or len(negatives) != len(prompts) or \
                 not all(isinstance(n, str) for n in negatives):
             raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt); "
                              f"got {negative_prompt!r}")
-        return Settings(list(negatives), sampler, steps, guidance)
+        return Settings(list(negatives), sampler, steps, guidance, options)
 
     def check_memory(self, batch: int, height: int, width: int) -> None:
         """Refuse, before anything is allocated, a request whose decoding alone cannot fit in the device's memory:
@@ -292,5 +304,7 @@ class LatentDiffusionPipeline:
             uncond, uncond_mask = uncond.expand(k, -1, -1), uncond_mask.expand(k, -1)
         return cond, cond_mask, uncond.repeat_interleave(n, 0), uncond_mask.repeat_interleave(n, 0)
 
-    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        return resolve_timesteps(self.schedule, num_inference_steps, self.diffusion.spacing, self.diffusion.steps_offset)
+    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
+        """The model's inference grid (its folder's spacing, sigma schedule and final level): num_inference_steps
+        noise levels, then the one sampling ends at."""
+        return noise_levels(self.schedule, num_inference_steps, **self.diffusion.grid)

@@ -61,17 +61,17 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
     def __call__(self, prompt: Union[str, Sequence[str]], image: ImageInput, strength: float = 0.8,
                  negative_prompt: Union[None, str, Sequence[str]] = None, num_inference_steps: Optional[int] = None,
                  guidance_scale: Optional[float] = None, sampler: Optional[str] = None, eta: float = 0.0,
-                 thresholding=None, num_images_per_prompt: int = 1, seed: Union[None, int, Sequence[int]] = None,
-                 generator: Generator = None, output_type: str = "pil",
-                 callback: Optional[Callable] = None) -> PipelineOutput:
+                 sampler_options: Optional[dict] = None, thresholding=None, num_images_per_prompt: int = 1,
+                 seed: Union[None, int, Sequence[int]] = None, generator: Generator = None,
+                 output_type: str = "pil", callback: Optional[Callable] = None) -> PipelineOutput:
         """Redraw `image` under the prompt. strength in (0, 1]: the last int(strength * steps) of the
-        num_inference_steps timesteps are run (at least one, never zero), starting from the encoded image
-        noised to the first of them; strength 1 starts from (almost) pure noise. One image for all prompts or
-        one per prompt; each is repeated num_images_per_prompt times. None for sampler, num_inference_steps or
-        guidance_scale is the model's own default, as for text-to-image."""
+        num_inference_steps steps of the model's grid are run (at least one, never zero), starting from the
+        encoded image noised to the first of their levels; strength 1 starts from (almost) pure noise. One image
+        for all prompts or one per prompt; each is repeated num_images_per_prompt times. None for sampler,
+        num_inference_steps or guidance_scale is the model's own default, as for text-to-image."""
         prompts = check_prompts(prompt)
         run = self.check_common(prompts, negative_prompt, num_inference_steps, guidance_scale, sampler, eta,
-                                num_images_per_prompt, output_type)
+                                sampler_options, num_images_per_prompt, output_type)
         check_number("strength", strength, 0, 1, low_open=True)
         num_inference_steps = run.num_inference_steps
         pixels = image_to_tensor(image, self.latent_factor).to(self.device, self.dtype)
@@ -81,15 +81,14 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         self.check_memory(batch, *pixels.shape[-2:])
         pixels = pixels.expand(len(prompts), -1, -1, -1).repeat_interleave(num_images_per_prompt, 0)
         generators, seeds = self.generators(batch, seed, generator)
-        timesteps = self.timesteps(num_inference_steps)
         steps = max(1, min(int(num_inference_steps * strength), num_inference_steps))
-        timesteps = timesteps[num_inference_steps - steps:]
+        sigmas = self.sigmas(num_inference_steps)[num_inference_steps - steps:]
         with torch.no_grad():
             z0 = self.vae.encode(pixels, generator=generators)
         noise = randn(z0.shape, generators, z0.dtype, z0.device)
-        latents = process.q_sample(z0, noise, self.schedule.alpha_bar_at(int(timesteps[0])))
+        latents = process.q_sample(z0, noise, process.alpha_bar_of_sigma(sigmas[0]))
         cond, cond_mask, uncond, uncond_mask = self.conditioning(prompts, run.negatives, num_images_per_prompt,
                                                                  run.guidance_scale)
         denoise = self.denoiser(cond, cond_mask, uncond, uncond_mask, run.guidance_scale, thresholding)
-        latents = self.run_sampler(denoise, latents, timesteps, run.sampler, eta, generators, callback)
+        latents = self.run_sampler(denoise, latents, sigmas, run, generators, callback)
         return PipelineOutput(self.decode(latents, output_type), seeds)

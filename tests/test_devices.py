@@ -80,7 +80,7 @@ def test_whole_runs_draw_only_through_ldm_random_on_the_cpu(torch_draws):
     img2img("a blue square", image=image, strength=0.7, num_inference_steps=3, sampler="ddpm", seed=1)
     schedule = NoiseSchedule.from_name("cosine", 50)
     x0 = torch.zeros(4, 2, dtype=torch.float64)
-    bits_per_dim(gaussian_denoiser(schedule, 0.0, 0.5), x0, schedule, generator=torch.Generator().manual_seed(0))
+    bits_per_dim(gaussian_denoiser(0.0, 0.5), x0, schedule, generator=torch.Generator().manual_seed(0))
     UniformSampler(50).sample(4, torch.Generator().manual_seed(0))
     callers = {caller for caller, _ in torch_draws}
     assert callers == {RANDOM_FILE}, callers

@@ -13,6 +13,7 @@ import torch
 
 from ldm.diffusion import NoiseSchedule, Prediction, gaussian_denoiser, gaussian_mixture_denoiser
 from ldm.diffusion import mixture_class_log_posterior
+from ldm.diffusion.process import alpha_bar_of_sigma
 from ldm.sampling import (classifier_free_guidance, classifier_guidance, dynamic_threshold, dynamic_thresholding,
                           sample, static_thresholding)
 
@@ -35,13 +36,13 @@ def assert_gaussian(x, mean, std):
 @pytest.mark.parametrize("w", [0.0, 1.0, 3.0])
 def test_classifier_free_guidance_moves_the_mean_linearly(w):
     mu_u, mu_c = torch.tensor([0.0, 0.2]), torch.tensor([0.3, -0.1])
-    uncond, cond = gaussian_denoiser(S, mu_u, STD), gaussian_denoiser(S, mu_c, STD)
+    uncond, cond = gaussian_denoiser(mu_u, STD), gaussian_denoiser(mu_c, STD)
     calls = []
 
-    def pair(x, t):  # one network call on the batch [uncond; cond]
+    def pair(x, sigma):  # one network call on the batch [uncond; cond]
         calls.append(x.shape[0])
         b = x.shape[0] // 2
-        pu, pc = uncond(x[:b], t[:b]), cond(x[b:], t[b:])
+        pu, pc = uncond(x[:b], sigma[:b]), cond(x[b:], sigma[b:])
         return Prediction(torch.cat([pu.x0, pc.x0]), torch.cat([pu.eps, pc.eps]))
 
     x = run(classifier_free_guidance(pair, w))
@@ -51,13 +52,13 @@ def test_classifier_free_guidance_moves_the_mean_linearly(w):
 
 def test_classifier_guidance_with_exact_classifier_gives_the_class_conditional():
     means = torch.tensor([[1.0, 1.0], [-1.0, -0.5]])
-    mixture = gaussian_mixture_denoiser(S, means, STD)
+    mixture = gaussian_mixture_denoiser(means, STD)
     unguided = run(mixture)
     assert 0.4 < (unguided[:, 0] > 0).double().mean() < 0.6  # both modes present without guidance
     for y in (0, 1):
-        def log_prob(x_t, t, y=y):
-            return mixture_class_log_posterior(S, means, STD, None, x_t, t)[:, y]
-        x = run(classifier_guidance(mixture, log_prob, 1.0, S))
+        def log_prob(x_t, sigma, y=y):
+            return mixture_class_log_posterior(means, STD, None, x_t, sigma)[:, y]
+        x = run(classifier_guidance(mixture, log_prob, 1.0))
         assert_gaussian(x, means[y], STD)
 
 
@@ -65,12 +66,12 @@ def test_classifier_guidance_with_exact_classifier_gives_the_class_conditional()
 def test_classifier_guidance_linear_tilt(w):
     mu, a = torch.tensor([0.1, -0.2]), torch.tensor([1.0, -2.0])
 
-    def log_prob(x_t, t):
-        ab = S.alpha_bar_at(t).to(x_t.dtype)
+    def log_prob(x_t, sigma):
+        ab = alpha_bar_of_sigma(sigma).to(x_t.dtype)
         c = ab.sqrt() * STD**2 / (ab * STD**2 + 1 - ab)
         return c * (x_t * a.to(x_t.dtype)).sum(1)
 
-    x = run(classifier_guidance(gaussian_denoiser(S, mu, STD), log_prob, w, S))
+    x = run(classifier_guidance(gaussian_denoiser(mu, STD), log_prob, w))
     assert_gaussian(x, mu + w * STD**2 * a, STD)
 
 
@@ -78,8 +79,8 @@ def test_classifier_guidance_linear_tilt(w):
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_thresholding_keeps_every_x0_in_range(sampler, steps, kind):
     """Data of std 2 lies mostly outside [-1, 1]; every x0 the sampler sees must be inside."""
-    wide = gaussian_denoiser(S, 0.0, 2.0)
-    denoise = dynamic_thresholding(wide, S, percentile=0.9) if kind == "dynamic" else static_thresholding(wide, S)
+    wide = gaussian_denoiser(0.0, 2.0)
+    denoise = dynamic_thresholding(wide, percentile=0.9) if kind == "dynamic" else static_thresholding(wide)
     seen = []
     x = run(denoise, steps, sampler, dim=64, n=200, callback=lambda i, t, x, pred: seen.append(pred.x0.abs().max()))
     assert len(seen) == steps
@@ -101,9 +102,9 @@ def test_dynamic_threshold_formula():
 
 
 def test_thresholding_rederives_eps_consistently():
-    wide = gaussian_denoiser(S, 0.0, 2.0)
+    wide = gaussian_denoiser(0.0, 2.0)
     x_t = torch.randn(16, 8, dtype=torch.float64) * 3
-    t = torch.full((16,), 100)
-    pred = dynamic_thresholding(wide, S, 0.8)(x_t, t)
-    ab = S.alpha_bar_at(t)[:, None]
+    sigma = S.sigma_at(torch.full((16,), 100))
+    pred = dynamic_thresholding(wide, 0.8)(x_t, sigma)
+    ab = alpha_bar_of_sigma(sigma)[:, None]
     torch.testing.assert_close(ab.sqrt() * pred.x0 + (1 - ab).sqrt() * pred.eps, x_t)

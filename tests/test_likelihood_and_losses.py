@@ -31,12 +31,12 @@ def test_bits_per_dim_matches_analytic_nll(schedule_name, mu, s):
     x0 = ((torch.randn(10_000, 1, generator=g, dtype=torch.float64) * s + mu + 1) * 127.5).round().clamp(0, 255)
     x0 = x0 / 127.5 - 1
     nll = discretized_gaussian_entropy_bits(mu, s)
-    exact = bits_per_dim(gaussian_denoiser(schedule, mu, s, exact_variance=True), x0, schedule, generator=g)
+    exact = bits_per_dim(gaussian_denoiser(mu, s, exact_variance=True, schedule=schedule), x0, schedule, generator=g)
     vlb = exact["total"].mean().item()
     stderr = exact["total"].std().item() / len(x0) ** 0.5
     assert nll - 3 * stderr < vlb < nll + 0.08
     assert exact["prior"].max() < 1e-4  # q(x_T | x_0) is N(0, I) to within 1e-4 bits
-    fixed = bits_per_dim(gaussian_denoiser(schedule, mu, s), x0[:2000], schedule, "fixed_small", generator=g)
+    fixed = bits_per_dim(gaussian_denoiser(mu, s), x0[:2000], schedule, "fixed_small", generator=g)
     assert fixed["total"].mean().item() > vlb + 0.4
 
 
@@ -60,7 +60,7 @@ def test_simple_loss_is_zero_for_the_true_target(prediction_type):
     denoiser = Denoiser(lambda x_t, t: target, schedule, prediction_type)
     losses = training_losses(denoiser, x0, t, noise)
     assert losses["loss"].abs().max() < 1e-10
-    pred = denoiser(process.q_sample(x0, noise, schedule.alpha_bar_at(t)), t)
+    pred = denoiser(process.q_sample(x0, noise, schedule.alpha_bar_at(t)), schedule.sigma_at(t))
     torch.testing.assert_close(pred.x0, x0, atol=1e-3, rtol=1e-3)
 
 
@@ -96,7 +96,7 @@ def test_learned_range_interpolates_between_beta_tilde_and_beta():
     for v, table in [(-1.0, schedule.posterior_log_variance_clipped), (1.0, schedule.betas.log())]:
         denoiser = Denoiser(lambda x, t, v=v: torch.cat([x, torch.full_like(x, v)], 1), schedule, "eps",
                             "learned_range")
-        pred = denoiser(torch.randn(4, 2, 3, 3, dtype=torch.float64), t)
+        pred = denoiser(torch.randn(4, 2, 3, 3, dtype=torch.float64), schedule.sigma_at(t))
         torch.testing.assert_close(pred.log_var[:, 0, 0, 0], table[t])
 
 

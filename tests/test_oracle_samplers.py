@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from ldm.diffusion import NoiseSchedule, gaussian_denoiser
-from ldm.sampling import ddim_invert, resolve_timesteps, sample
+from ldm.sampling import ddim_invert, resolve_sigmas, sample
 
 MU = torch.tensor([0.3, -0.2, 0.5, 0.0], dtype=torch.float64)
 STD = 0.5
 N = 10_000
 SCHEDULE = NoiseSchedule.from_name("cosine")
-ORACLE = gaussian_denoiser(SCHEDULE, MU, STD)
+ORACLE = gaussian_denoiser(MU, STD)
 
 
 def pooled_std(x):
@@ -76,11 +76,11 @@ def test_ddim_inversion_round_trip(fixed_point_iters, max_tol, mean_tol):
     is approximate (measured max error 0.14, mean 0.024); fixed-point iterations make it exact."""
     g = torch.Generator().manual_seed(1)
     x0 = MU + STD * torch.randn(2000, 4, generator=g, dtype=torch.float64)
-    ts = resolve_timesteps(SCHEDULE, 50)
-    x_T = ddim_invert(ORACLE, x0, SCHEDULE, ts, fixed_point_iters=fixed_point_iters)
+    sigmas = resolve_sigmas(SCHEDULE, 50)
+    x_T = ddim_invert(ORACLE, x0, sigmas, fixed_point_iters=fixed_point_iters)
     # the inverted latents are distributed like the prior
     assert abs(x_T.std().item() - 1) < 0.05
-    back = sample(ORACLE, x_T, SCHEDULE, 50, "ddim", timesteps=ts)
+    back = sample(ORACLE, x_T, None, None, "ddim", sigmas=sigmas)
     assert (back - x0).abs().max().item() < max_tol
     assert (back - x0).abs().mean().item() < mean_tol
 
@@ -88,6 +88,6 @@ def test_ddim_inversion_round_trip(fixed_point_iters, max_tol, mean_tol):
 def test_callback_sees_every_step():
     seen = []
     x_T = torch.randn(8, 4, dtype=torch.float64)
-    sample(ORACLE, x_T, SCHEDULE, 10, "dpmpp_2m", callback=lambda i, t, x, pred: seen.append((i, t)))
+    sample(ORACLE, x_T, SCHEDULE, 10, "dpmpp_2m", callback=lambda i, sigma, x, pred: seen.append((i, sigma)))
     assert [i for i, _ in seen] == list(range(10))
-    assert [t for _, t in seen] == resolve_timesteps(SCHEDULE, 10).tolist()
+    assert [sigma for _, sigma in seen] == resolve_sigmas(SCHEDULE, 10)[:-1].tolist()

@@ -131,7 +131,7 @@ def test_ddim_linspace_steps(eta, prediction_type):
         noise = torch.randn(x.shape, generator=g, dtype=x.dtype)
         theirs_x = theirs.step(net(x, t), t, x, eta=eta, variance_noise=noise).prev_sample
         t_prev = int(t) - 1000 // 30
-        ours_x = ddim_step(x, denoise(x, t.repeat(2)), schedule.alpha_bar_at(int(t)),
+        ours_x = ddim_step(x, denoise(x, schedule.sigma_at(t.repeat(2))), schedule.alpha_bar_at(int(t)),
                            schedule.alpha_bar_at(max(t_prev, -1)), eta, noise)
         torch.testing.assert_close(ours_x, theirs_x, atol=ATOL, rtol=0)
         x = theirs_x
@@ -154,7 +154,7 @@ def test_dynamic_thresholding_ddpm_and_dpmsolver():
     """Imagen thresholding (ratio 0.9, sample_max_value 2) on a model whose x0 leaves [-1, 1]."""
     net = FakeNet()
     schedule = NoiseSchedule.from_name("linear")
-    denoise = dynamic_thresholding(Denoiser(net, schedule, "eps"), schedule, percentile=0.9, max_value=2.0)
+    denoise = dynamic_thresholding(Denoiser(net, schedule, "eps"), percentile=0.9, max_value=2.0)
     x0_range = []
     raw = Denoiser(net, schedule, "eps")
     sample(raw, x_T(), schedule, 50, "ddpm", spacing="leading",

@@ -149,25 +149,35 @@ def test_a_folder_keeps_its_default_sampler(models, tmp_path):
     theirs_image = reloaded("a cyan circle", num_inference_steps=5, guidance_scale=4.0, generator=seeded([2]),
                             output_type="np").images
     assert np.abs(theirs_image - explicit).max() < ATOL
-    # eta belongs to DDIM: with another default sampler the error says how to ask for DDIM
-    with pytest.raises(ValueError, match="eta applies to the ddim sampler only.*pass sampler='ddim'"):
+    # eta belongs to DDIM: with another default sampler the error names the sampler, its options and sampler=
+    with pytest.raises(ValueError, match="sampler 'dpmpp_2m' has no option 'eta'.*default sampler.*sampler="):
         dpm("a cyan circle", eta=0.5, **kwargs)
 
 
 def test_diffusers_schedulers_read_as_samplers():
-    """DDIM and DPM-Solver++(2M) are read from a scheduler config; a DPM-Solver set up otherwise, or a scheduler
-    we have no equal of (PNDM), falls back to DDIM; an unknown sampler name is refused by name."""
-    base = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    """DDIM and DPM-Solver++(2M) are read from a scheduler config with their grid; a DPM-Solver set up otherwise,
+    or a scheduler we have no equal of (PNDM), falls back to DDIM with a warning naming the class; an unknown
+    sampler name is refused by name."""
+    base = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False).config
     read = lambda cls, **kw: DiffusionConfig.from_diffusers(dict(cls.from_config(base, **kw).config,
                                                                  _class_name=cls.__name__)).sampler
     assert read(DDIMScheduler) == "ddim"
     assert read(DPMSolverMultistepScheduler) == "dpmpp_2m"  # diffusers' defaults are DPM-Solver++, order 2
-    assert read(DPMSolverMultistepScheduler, solver_order=3) == "ddim"
-    assert read(DPMSolverMultistepScheduler, final_sigmas_type="sigma_min") == "ddim"
-    assert read(PNDMScheduler) == "ddim"
+    with pytest.warns(UserWarning, match="DPMSolverMultistepScheduler with solver_order=3, as configured, has no "
+                                         "equal.*ddim"):
+        assert read(DPMSolverMultistepScheduler, solver_order=3) == "ddim"
+    with pytest.warns(UserWarning, match="PNDMScheduler"):
+        assert read(PNDMScheduler) == "ddim"
+    full = lambda cls, **kw: DiffusionConfig.from_diffusers(dict(cls.from_config(base, **kw).config,
+                                                                 _class_name=cls.__name__))
+    dpm = full(DPMSolverMultistepScheduler, final_sigmas_type="sigma_min", use_karras_sigmas=True)
+    assert (dpm.sampler, dpm.final, dpm.sigma_schedule, dpm.spacing) == ("dpmpp_2m", "sigma_min", "karras", "linspace")
+    ddim = full(DDIMScheduler, set_alpha_to_one=False, rescale_betas_zero_snr=True, steps_offset=1)
+    assert (ddim.final, ddim.zero_terminal_snr, ddim.spacing, ddim.steps_offset) == ("sigma_min", True, "leading", 1)
+    assert DiffusionConfig.from_diffusers(ddim.to_diffusers()) == ddim
     assert DiffusionConfig.from_dict({"schedule": "cosine"}).sampler == "ddim"  # folders saved before the field
-    with pytest.raises(ValueError, match="sampler must be one of .*'euler'"):
-        DiffusionConfig(sampler="euler")
+    with pytest.raises(ValueError, match="sampler must be one of .*'no_such_sampler'"):
+        DiffusionConfig(sampler="no_such_sampler")
 
 
 def test_same_seed_same_image_at_any_batch_size(models):
@@ -279,7 +289,9 @@ def test_defaults_come_from_the_model_folder(models, tmp_path):
     (dict(prompt="a", num_inference_steps=0), ["num_inference_steps"]),
     (dict(prompt="a", num_inference_steps=1001), ["num_inference_steps"]),
     (dict(prompt="a", sampler="euler"), ["sampler", "ddim"]),
-    (dict(prompt="a", eta=0.5, sampler="dpmpp_2m"), ["eta", "ddim"]),
+    (dict(prompt="a", eta=0.5, sampler="dpmpp_2m"), ["eta", "dpmpp_2m", "lower_order_final"]),
+    (dict(prompt="a", sampler="ddpm", sampler_options={"variance": "wide"}), ["variance", "ddpm", "fixed_large"]),
+    (dict(prompt="a", sampler_options=[1]), ["sampler_options", "dict"]),
     (dict(prompt="a", output_type="jpg"), ["output_type", "pil"]),
     (dict(prompt="a", seed="7"), ["seed"]),
     (dict(prompt="a", seed=[1, 2]), ["seed", "1 such ints"]),

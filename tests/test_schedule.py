@@ -1,10 +1,10 @@
-"""Schedules, respacing and the closed-form process."""
+"""Schedules and the closed-form process (the noise-level axis and grids: test_grids.py)."""
 import math
 
 import pytest
 import torch
 
-from ldm.diffusion import NoiseSchedule, spaced_timesteps
+from ldm.diffusion import NoiseSchedule
 from ldm.diffusion import process
 
 
@@ -20,24 +20,6 @@ def test_named_schedules_follow_the_papers():
     assert NoiseSchedule.from_name("squaredcos_cap_v2").betas.equal(cos.betas)
     for s in (lin, sl, cos):
         assert s.betas.dtype == torch.float64 and (s.alpha_bar[1:] < s.alpha_bar[:-1]).all()
-
-
-def test_respacing_keeps_alpha_bar_on_the_subset():
-    s = NoiseSchedule.from_name("cosine")
-    ts = spaced_timesteps(1000, 50, "trailing")
-    r = s.respace(ts)
-    assert r.num_timesteps == 50
-    torch.testing.assert_close(r.alpha_bar, s.alpha_bar[ts.flip(0)], rtol=1e-10, atol=0)
-    assert r.timesteps.tolist() == ts.flip(0).tolist()
-    torch.testing.assert_close(r.alpha_bar_at(torch.tensor([-1])), torch.ones(1, dtype=torch.float64))
-
-
-def test_spacings():
-    assert spaced_timesteps(1000, 4, "leading").tolist() == [750, 500, 250, 0]
-    assert spaced_timesteps(1000, 4, "leading", steps_offset=1).tolist() == [751, 501, 251, 1]
-    assert spaced_timesteps(1000, 4, "trailing").tolist() == [999, 749, 499, 249]
-    assert spaced_timesteps(1000, 4, "linspace").tolist() == [999, 666, 333, 0]
-    assert spaced_timesteps(10, 10, "trailing").tolist() == list(range(9, -1, -1))
 
 
 def test_conversions_round_trip():

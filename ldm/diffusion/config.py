@@ -3,22 +3,21 @@ what its pipeline uses when the caller names none: the sampler (diffusers keeps 
 the number of steps and the guidance scale (diffusers' defaults, 50 and 7.5, where a folder stores none)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..config import JsonConfig, check_number
-from ..sampling import SAMPLERS
+from ..sampling import SAMPLERS, get_sampler
 from . import parameterization as param
-from .schedule import SCHEDULE_ALIASES, SPACINGS, NoiseSchedule
+from .grids import check_grid
+from .schedule import SCHEDULE_ALIASES, NoiseSchedule
 
 _DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 _DIFFUSERS_SCHEDULE = {"cosine": "squaredcos_cap_v2"}
-# The diffusers schedulers that step as one of our samplers does (tests/test_parity_diffusers.py), and the
-# settings that make them do so; any other scheduler class is read as "ddim".
-_DIFFUSERS_SCHEDULER = {"ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}),
-                        "dpmpp_2m": ("DPMSolverMultistepScheduler",
-                                     {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True,
-                                      "final_sigmas_type": "zero", "thresholding": False})}
+_DIFFUSERS_SIGMAS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+# diffusers' default timestep_spacing per scheduler class, where a config names none
+_DIFFUSERS_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "PNDMScheduler": "leading"}
 
 
 @dataclass(frozen=True)
@@ -27,10 +26,14 @@ class DiffusionConfig(JsonConfig):
     num_timesteps: int = 1000
     beta_start: Optional[float] = None
     beta_end: Optional[float] = None
+    zero_terminal_snr: bool = False  # Lin et al. 2024's rescaling (diffusers' rescale_betas_zero_snr)
     prediction_type: str = "eps"
     variance_type: str = "fixed_small"
+    # the inference grid (ldm.diffusion.grids): spacing of the timesteps, optional sigma redistribution, last level
     spacing: str = "trailing"
     steps_offset: int = 0
+    sigma_schedule: Optional[str] = None
+    final: str = "zero"
     sampler: str = "ddim"
     num_inference_steps: Optional[int] = None  # None: diffusers' 50, or every timestep of a shorter schedule
     guidance_scale: float = 7.5
@@ -39,10 +42,8 @@ class DiffusionConfig(JsonConfig):
         object.__setattr__(self, "schedule", SCHEDULE_ALIASES.get(self.schedule, self.schedule))
         object.__setattr__(self, "prediction_type", param.check_prediction_type(self.prediction_type))
         param.check_variance_type(self.variance_type)
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {self.spacing!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+        check_grid(self.spacing, self.sigma_schedule, self.final)
+        get_sampler(self.sampler)
         self.build_schedule()  # validates the schedule name and length
         if self.num_inference_steps is not None:
             check_number("num_inference_steps", self.num_inference_steps, 1, self.num_timesteps, integer=True)
@@ -53,41 +54,72 @@ class DiffusionConfig(JsonConfig):
         """The steps a pipeline takes when the caller names none."""
         return min(50, self.num_timesteps) if self.num_inference_steps is None else self.num_inference_steps
 
+    @property
+    def grid(self) -> dict[str, Any]:
+        """The grid settings as keyword arguments of ldm.sampling.sample / grids.noise_levels."""
+        return {"spacing": self.spacing, "steps_offset": self.steps_offset, "sigma_schedule": self.sigma_schedule,
+                "final": self.final}
+
     def build_schedule(self) -> NoiseSchedule:
         return NoiseSchedule.from_name(self.schedule, self.num_timesteps, beta_start=self.beta_start,
-                                       beta_end=self.beta_end)
+                                       beta_end=self.beta_end, zero_terminal_snr=self.zero_terminal_snr)
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> "DiffusionConfig":
-        """From a diffusers scheduler_config.json (DDIM, DDPM, DPM-Solver, PNDM, Euler... share these fields)."""
+        """From a diffusers scheduler_config.json (DDIM, DDPM, DPM-Solver, PNDM, Euler... share these fields).
+        The sampler is the registered one whose diffusers scheduler this is; a class with no equal here is
+        sampled with ddim, with a warning naming it."""
         if d.get("trained_betas") is not None:
             raise ValueError("scheduler config with trained_betas is not supported")
-        if d.get("rescale_betas_zero_snr"):
-            raise ValueError("scheduler config with rescale_betas_zero_snr is not supported")
         variance = d.get("variance_type") or "fixed_small"
+        name = d.get("_class_name")
+        sigma_schedule = next((k for k, flag in _DIFFUSERS_SIGMAS.items() if d.get(flag)), None)
+        final = "sigma_min" if d.get("set_alpha_to_one") is False or d.get("final_sigmas_type") == "sigma_min" \
+            else "zero"
         return cls(schedule=d.get("beta_schedule", "linear"), num_timesteps=d.get("num_train_timesteps", 1000),
                    beta_start=d.get("beta_start", 0.0001), beta_end=d.get("beta_end", 0.02),
+                   zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)),
                    prediction_type=d.get("prediction_type", "epsilon"),
                    variance_type=variance if variance in param.VARIANCE_TYPES else "fixed_small",
-                   spacing=d.get("timestep_spacing", "leading"), steps_offset=d.get("steps_offset", 0),
+                   spacing=d.get("timestep_spacing") or _DIFFUSERS_SPACING.get(name, "linspace"),
+                   steps_offset=d.get("steps_offset", 0), sigma_schedule=sigma_schedule, final=final,
                    sampler=_sampler_from_diffusers(d))
 
     def to_diffusers(self) -> dict[str, Any]:
-        """The scheduler config of the default sampler: DPMSolverMultistepScheduler (DPM-Solver++, order 2, last
-        step to sigma 0) for "dpmpp_2m", else a DDIMScheduler (last step to x0, as our samplers: set_alpha_to_one)."""
-        schedule = self.build_schedule()
-        name, settings = _DIFFUSERS_SCHEDULER.get(self.sampler, _DIFFUSERS_SCHEDULER["ddim"])
-        return {"_class_name": name, "num_train_timesteps": self.num_timesteps,
-                "beta_schedule": _DIFFUSERS_SCHEDULE.get(self.schedule, self.schedule),
-                "beta_start": float(schedule.betas[0]), "beta_end": float(schedule.betas[-1]),
-                "prediction_type": _DIFFUSERS_PREDICTION[self.prediction_type], "timestep_spacing": self.spacing,
-                "steps_offset": self.steps_offset, **settings}
+        """The scheduler config of the default sampler's diffusers equal (a DDIMScheduler for a sampler that
+        has none), with this config's schedule and grid."""
+        betas = NoiseSchedule.from_name(self.schedule, self.num_timesteps, beta_start=self.beta_start,
+                                        beta_end=self.beta_end).betas  # before any zero-SNR rescaling
+        spec = get_sampler(self.sampler)
+        name, settings = spec.diffusers or SAMPLERS["ddim"].diffusers
+        out = {"_class_name": name, "num_train_timesteps": self.num_timesteps,
+               "beta_schedule": _DIFFUSERS_SCHEDULE.get(self.schedule, self.schedule),
+               "beta_start": self.beta_start if self.beta_start is not None else float(betas[0]),
+               "beta_end": self.beta_end if self.beta_end is not None else float(betas[-1]),
+               "rescale_betas_zero_snr": self.zero_terminal_snr,
+               "prediction_type": _DIFFUSERS_PREDICTION[self.prediction_type], "timestep_spacing": self.spacing,
+               "steps_offset": self.steps_offset, **settings}
+        if name == "DDIMScheduler":
+            out["set_alpha_to_one"] = self.final == "zero"
+        else:
+            out["final_sigmas_type"] = self.final
+        if self.sigma_schedule is not None:
+            out[_DIFFUSERS_SIGMAS[self.sigma_schedule]] = True
+        return out
 
 
 def _sampler_from_diffusers(d: dict[str, Any]) -> str:
-    """"dpmpp_2m" for a DPMSolverMultistepScheduler set up as DPM-Solver++(2M) with its last step to sigma 0, else
-    "ddim" (the schedulers we have no equal of, such as PNDM or Euler, are sampled with DDIM)."""
-    name, settings = _DIFFUSERS_SCHEDULER["dpmpp_2m"]
-    if d.get("_class_name") == name and all(d.get(k, v) == v for k, v in settings.items()):
-        return "dpmpp_2m"
+    """The registered sampler whose diffusers scheduler (class and settings) the config is; else "ddim", with a
+    warning naming the class (a scheduler we have no equal of yet, such as PNDM or Euler)."""
+    name = d.get("_class_name")
+    differing = []
+    for spec in SAMPLERS.values():
+        if spec.diffusers and spec.diffusers[0] == name:
+            off = [f"{k}={d[k]!r}" for k, v in spec.diffusers[1].items() if d.get(k, v) != v]
+            if not off:
+                return spec.name
+            differing += off
+    why = f" with {', '.join(differing)}" if differing else ""
+    warnings.warn(f"the diffusers scheduler {name}{why}, as configured, has no equal sampler here; sampling "
+                  "with ddim", stacklevel=3)
     return "ddim"

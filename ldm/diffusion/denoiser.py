@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from . import parameterization as param
+from . import process
 from .schedule import NoiseSchedule
 
 Tensor = torch.Tensor
@@ -28,14 +29,28 @@ class Prediction:
     var_frac: Optional[Tensor] = None
 
 
+# denoise(x_t, sigma) -> Prediction: x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps at the noise levels sigma
+# (float64, shape [B], on the CPU; alpha_bar = 1 / (1 + sigma^2)). Conditioning is bound in by closure or partial.
 DenoiseFn = Callable[[Tensor, Tensor], Prediction]
 
 
-class Denoiser:
-    """Binds a network to a schedule: `denoiser(x_t, t, **cond) -> Prediction`.
+def per_row(sigma, batch: int) -> Tensor:
+    """Noise levels as the float64 CPU tensor [batch] a DenoiseFn takes (a number or 0-dim tensor is repeated)."""
+    if isinstance(sigma, int) or (isinstance(sigma, Tensor) and not sigma.is_floating_point()):
+        raise TypeError("sigma: expected noise levels (floats; schedule.sigma_at(t) for training timesteps t), "
+                        "got integers")
+    sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu()
+    return sigma.expand(batch).clone() if sigma.ndim == 0 else sigma
 
-    The network is called as `model(x_t, t, **cond)` and returns C channels (fixed variance) or 2C
-    channels (learned / learned_range: the second half is the log variance or the range logit v in [-1, 1]).
+
+class Denoiser:
+    """Binds a network to a schedule: `denoiser(x_t, sigma, **cond) -> Prediction`, a DenoiseFn.
+
+    The one place a noise level becomes the network's time input: schedule.timestep_of(sigma), the training
+    timestep on the grid and a fractional one between (float32). The network is called as
+    `model(x_t, t, **cond)` and returns C channels (fixed variance) or 2C channels (learned / learned_range:
+    the second half is the log variance or the range logit v in [-1, 1]). Training calls the network at
+    integer timesteps itself and turns its output into a Prediction with `prediction`.
     """
 
     def __init__(self, model: Callable, schedule: NoiseSchedule, prediction_type: str = "eps",
@@ -49,8 +64,11 @@ class Denoiser:
     def learns_variance(self) -> bool:
         return self.variance_type in ("learned", "learned_range")
 
-    def __call__(self, x_t: Tensor, t: Tensor, **cond) -> Prediction:
-        return self.prediction(self.model(x_t, t, **cond), x_t, t)
+    def __call__(self, x_t: Tensor, sigma: Tensor, **cond) -> Prediction:
+        sigma = per_row(sigma, x_t.shape[0])
+        t = self.schedule.timestep_of(sigma)
+        output = self.model(x_t, t.to(device=x_t.device, dtype=torch.float32), **cond)
+        return self._predict(output, x_t, process.alpha_bar_of_sigma(sigma), t.round().long())
 
     def split(self, output: Tensor, x_t: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Separate the mean output from the variance output (channel dim 1)."""
@@ -63,11 +81,16 @@ class Denoiser:
         return output[:, :channels], output[:, channels:]
 
     def prediction(self, output: Tensor, x_t: Tensor, t: Tensor, detach_mean: bool = False) -> Prediction:
-        """Network output -> Prediction. detach_mean stops gradients through x0/eps (the L_vlb term of L_hybrid)."""
+        """Network output at integer timesteps t -> Prediction. detach_mean stops gradients through x0/eps (the
+        L_vlb term of L_hybrid)."""
+        return self._predict(output, x_t, self.schedule.alpha_bar_at(t), t, detach_mean)
+
+    def _predict(self, output: Tensor, x_t: Tensor, alpha_bar: Tensor, t: Tensor,
+                 detach_mean: bool = False) -> Prediction:
+        """t: the integer timesteps whose beta and beta~ bound a learned-range variance (the nearest ones)."""
         mean_out, var_out = self.split(output, x_t)
         if detach_mean:
             mean_out = mean_out.detach()
-        alpha_bar = self.schedule.alpha_bar_at(t)
         x0, eps = param.to_x0_eps(mean_out, x_t, alpha_bar, self.prediction_type)
         if var_out is None:
             return Prediction(x0, eps)

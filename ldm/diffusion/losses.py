@@ -77,7 +77,7 @@ def bits_per_dim(denoise: DenoiseFn, x0: Tensor, schedule: NoiseSchedule, varian
         t = torch.full((x0.shape[0],), step, dtype=torch.long, device=x0.device)
         eps = random.randn(x0.shape, generator, x0.dtype, x0.device)
         x_t = process.q_sample(x0, eps, schedule.alpha_bar_at(t))
-        terms.append(vlb_terms(denoise(x_t, t), x0, x_t, t, schedule, variance_type))
+        terms.append(vlb_terms(denoise(x_t, schedule.sigma_at(t).cpu()), x0, x_t, t, schedule, variance_type))
     terms = torch.stack(terms, dim=1)
     prior = prior_bpd(x0, schedule)
     return {"total": terms.sum(1) + prior, "prior": prior, "terms": terms}

@@ -23,6 +23,17 @@ def _f64(a) -> Tensor:
     return torch.as_tensor(a, dtype=torch.float64)
 
 
+def alpha_bar_of_sigma(sigma) -> Tensor:
+    """alpha_bar = 1 / (1 + sigma^2): the variance-preserving level of the noise level sigma (inf -> 0)."""
+    return 1 / (1 + _f64(sigma) ** 2)
+
+
+def sigma_of_alpha_bar(alpha_bar) -> Tensor:
+    """sigma = sqrt((1 - alpha_bar) / alpha_bar), 0 for clean data, inf at alpha_bar = 0."""
+    ab = _f64(alpha_bar)
+    return ((1 - ab) / ab).sqrt()
+
+
 def q_sample(x0: Tensor, eps: Tensor, alpha_bar) -> Tensor:
     """x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps (Ho et al. eq. 4)."""
     ab = _f64(alpha_bar)

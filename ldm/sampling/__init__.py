@@ -5,56 +5,58 @@ from typing import Optional
 
 import torch
 
-from ..config import is_number
 from ..diffusion.denoiser import DenoiseFn
-from ..diffusion.schedule import SPACINGS, NoiseSchedule, check_num_steps, spaced_timesteps
+from ..diffusion.grids import check_levels, levels_of_timesteps, noise_levels
+from ..diffusion.schedule import NoiseSchedule
 from ..random import Generator
+from .registry import SAMPLERS, Option, SamplerSpec, get_sampler, register
 from .samplers import ddim, ddim_invert, ddim_step, ddpm, ddpm_step, dpmpp_2m, langevin
 from .transforms import (classifier_free_guidance, classifier_guidance, dynamic_threshold,
                          dynamic_thresholding, static_thresholding)
 
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "langevin": langevin, "dpmpp_2m": dpmpp_2m}
+
+def resolve_sigmas(schedule: Optional[NoiseSchedule], num_steps: Optional[int], spacing: str = "trailing",
+                   steps_offset: int = 0, timesteps=None, sigmas=None, sigma_schedule: Optional[str] = None,
+                   final: str = "zero") -> torch.Tensor:
+    """The descending noise levels a sampler walks: explicit `sigmas`, explicit integer `timesteps` of the
+    schedule (then `final`), or `num_steps` levels of a grid (ldm.diffusion.grids.noise_levels)."""
+    given = [name for name, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None]
+    if len(given) > 1:
+        raise ValueError("pass timesteps or sigmas, not both")
+    if sigmas is not None:
+        levels = check_levels(sigmas)
+    elif schedule is None:
+        raise ValueError("a schedule is needed unless sigmas are given")
+    elif timesteps is not None:
+        levels = levels_of_timesteps(schedule, timesteps, final)
+    else:
+        return noise_levels(schedule, num_steps, spacing, steps_offset, sigma_schedule, final)
+    if num_steps is not None and num_steps != len(levels) - 1:
+        raise ValueError(f"num_steps={num_steps} disagrees with the {len(levels) - 1} steps of the {given[0]} given")
+    return levels
 
 
-def resolve_timesteps(schedule: NoiseSchedule, num_steps: Optional[int], spacing: str = "trailing",
-                      steps_offset: int = 0, timesteps=None) -> torch.Tensor:
-    """The descending timesteps a sampler walks: explicit `timesteps`, or `num_steps` spaced by `spacing`."""
-    T = schedule.num_timesteps
-    if timesteps is None:
-        return spaced_timesteps(T, num_steps, spacing, steps_offset)
-    ts = torch.as_tensor(timesteps, dtype=torch.long).flatten()
-    if len(ts) == 0 or bool((ts < 0).any() | (ts >= T).any()) or bool((ts[1:] >= ts[:-1]).any()):
-        raise ValueError(f"timesteps must be strictly decreasing integers in [0, {T - 1}]; got {ts.tolist()}")
-    if num_steps is not None and num_steps != len(ts):
-        raise ValueError(f"num_steps={num_steps} disagrees with the {len(ts)} timesteps given")
-    return ts
-
-
-def sample(denoise: DenoiseFn, x_T: torch.Tensor, schedule: NoiseSchedule, num_steps: Optional[int],
+def sample(denoise: DenoiseFn, x_T: torch.Tensor, schedule: Optional[NoiseSchedule], num_steps: Optional[int],
            sampler: str = "ddim", generator: Generator = None, *, spacing: str = "trailing",
-           steps_offset: int = 0, timesteps=None, callback=None, **options) -> torch.Tensor:
-    """Draw samples from x_T by walking `num_steps` timesteps of `schedule` (or the given `timesteps`).
+           steps_offset: int = 0, sigma_schedule: Optional[str] = None, final: str = "zero", timesteps=None,
+           sigmas=None, callback=None, **options) -> torch.Tensor:
+    """Draw samples from x_T (unit-variance noise at the first level) by walking noise levels: `num_steps` of a
+    grid over `schedule` (spacing "trailing" (default), "leading" or "linspace"; sigma_schedule None, "karras",
+    "exponential" or "beta"; final "zero" or "sigma_min"), or the given integer `timesteps` or `sigmas`.
 
     generator: one torch.Generator, or a list with one per row of x_T (per-image seeds).
-    denoise(x_t, t) gets integer timesteps of the original schedule (shape [B]) and returns a Prediction.
-    sampler: "ddpm" (option variance="fixed_small"|"fixed_large"), "ddim" (eta=0.0), "langevin"
-    (n_corrector=1, snr=0.16) or "dpmpp_2m". spacing: "trailing" (default), "leading" or "linspace".
+    denoise(x_t, sigma) gets the noise levels (float64, shape [B]) and returns a Prediction.
+    sampler: a name in SAMPLERS; options: that sampler's (SAMPLERS[name].options), checked and defaulted there.
+    callback(i, sigma, x, prediction) after each step.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-    if timesteps is None:
-        check_num_steps(num_steps, schedule.num_timesteps)
-        if spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
-    eta = options.get("eta", 0.0)
-    if sampler == "ddim" and (not is_number(eta) or eta < 0):
-        raise ValueError(f"eta must be a number >= 0; got {eta!r}")
-    ts = resolve_timesteps(schedule, num_steps, spacing, steps_offset, timesteps)
-    return SAMPLERS[sampler](denoise, x_T, schedule, ts, generator=generator, callback=callback, **options)
+    spec = get_sampler(sampler)
+    values = spec.check_options(options)
+    levels = resolve_sigmas(schedule, num_steps, spacing, steps_offset, timesteps, sigmas, sigma_schedule, final)
+    return spec.fn(denoise, x_T, levels, generator=generator, callback=callback, **values)
 
 
 __all__ = [
-    "sample", "resolve_timesteps", "SAMPLERS", "ddpm", "ddim", "ddim_invert", "langevin", "dpmpp_2m",
-    "ddpm_step", "ddim_step", "classifier_free_guidance", "classifier_guidance", "static_thresholding",
-    "dynamic_thresholding", "dynamic_threshold",
+    "sample", "resolve_sigmas", "SAMPLERS", "SamplerSpec", "Option", "register", "get_sampler", "ddpm", "ddim",
+    "ddim_invert", "langevin", "dpmpp_2m", "ddpm_step", "ddim_step", "classifier_free_guidance",
+    "classifier_guidance", "static_thresholding", "dynamic_thresholding", "dynamic_threshold",
 ]

@@ -1,5 +1,5 @@
-"""Transforms DenoiseFn -> DenoiseFn. Each changes x0 and/or eps consistently at the given x_t, so it
-works with every sampler."""
+"""Transforms DenoiseFn -> DenoiseFn. Each changes x0 and/or eps consistently at the given x_t and noise level
+(alpha_bar = 1 / (1 + sigma^2)), so it works with every sampler and needs no schedule."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -9,7 +9,6 @@ import torch
 from ..config import is_number
 from ..diffusion import process
 from ..diffusion.denoiser import DenoiseFn, Prediction
-from ..diffusion.schedule import NoiseSchedule
 
 Tensor = torch.Tensor
 
@@ -22,8 +21,8 @@ def classifier_free_guidance(denoise_pair: DenoiseFn, guidance_scale: float) -> 
     thing because x0 is affine in eps at fixed x_t. The variance, if learned, is the conditional one."""
     check_guidance_scale(guidance_scale)
 
-    def denoise(x_t: Tensor, t: Tensor) -> Prediction:
-        pred = denoise_pair(torch.cat([x_t, x_t]), torch.cat([t, t]))
+    def denoise(x_t: Tensor, sigma: Tensor) -> Prediction:
+        pred = denoise_pair(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]))
         b = x_t.shape[0]
 
         def mix(v: Tensor) -> Tensor:
@@ -44,32 +43,33 @@ def _with_x0(pred: Prediction, x_t: Tensor, x0: Tensor, alpha_bar: Tensor) -> Pr
     return Prediction(x0, process.eps_from_x0(x_t, x0, alpha_bar), pred.log_var, pred.var_frac)
 
 
-def classifier_guidance(denoise: DenoiseFn, log_prob: Callable[[Tensor, Tensor], Tensor], scale: float,
-                        schedule: NoiseSchedule) -> DenoiseFn:
+def classifier_guidance(denoise: DenoiseFn, log_prob: Callable[[Tensor, Tensor], Tensor],
+                        scale: float) -> DenoiseFn:
     """Classifier guidance (Dhariwal & Nichol 2021, Algorithm 2 in eps form):
-    eps~ = eps - sqrt(1 - alpha_bar) * scale * grad_x log p(y | x_t, t); x0 re-derived from eps~.
-    `log_prob(x_t, t)` returns one log-probability per sample and must be differentiable in x_t."""
+    eps~ = eps - sqrt(1 - alpha_bar) * scale * grad_x log p(y | x_t, sigma); x0 re-derived from eps~.
+    `log_prob(x_t, sigma)` returns one log-probability per sample and must be differentiable in x_t (a
+    classifier trained on timesteps gets them from schedule.timestep_of(sigma))."""
     check_guidance_scale(scale)
 
-    def guided(x_t: Tensor, t: Tensor) -> Prediction:
-        pred = denoise(x_t, t)
+    def guided(x_t: Tensor, sigma: Tensor) -> Prediction:
+        pred = denoise(x_t, sigma)
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
-            grad, = torch.autograd.grad(log_prob(x, t).sum(), x)
-        alpha_bar = schedule.alpha_bar_at(t)
+            grad, = torch.autograd.grad(log_prob(x, sigma).sum(), x)
+        alpha_bar = process.alpha_bar_of_sigma(sigma)
         eps = pred.eps - process._bc((1 - alpha_bar).sqrt() * scale, grad) * grad
         return Prediction(process.x0_from_eps(x_t, eps, alpha_bar), eps, pred.log_var, pred.var_frac)
     return guided
 
 
-def static_thresholding(denoise: DenoiseFn, schedule: NoiseSchedule, limit: float = 1.0) -> DenoiseFn:
+def static_thresholding(denoise: DenoiseFn, limit: float = 1.0) -> DenoiseFn:
     """Clip x0 to [-limit, limit] (Saharia et al. 2022, sec. 2.3) and re-derive eps."""
-    if limit <= 0:
-        raise ValueError(f"limit must be > 0; got {limit!r}")
+    if not is_number(limit) or limit <= 0:
+        raise ValueError(f"limit must be a number > 0; got {limit!r}")
 
-    def thresholded(x_t: Tensor, t: Tensor) -> Prediction:
-        pred = denoise(x_t, t)
-        return _with_x0(pred, x_t, pred.x0.clamp(-limit, limit), schedule.alpha_bar_at(t))
+    def thresholded(x_t: Tensor, sigma: Tensor) -> Prediction:
+        pred = denoise(x_t, sigma)
+        return _with_x0(pred, x_t, pred.x0.clamp(-limit, limit), process.alpha_bar_of_sigma(sigma))
     return thresholded
 
 
@@ -91,13 +91,13 @@ def check_percentile(percentile) -> None:
         raise ValueError(f"percentile must be a number in (0, 1]; got {percentile!r}")
 
 
-def dynamic_thresholding(denoise: DenoiseFn, schedule: NoiseSchedule, percentile: float = 0.995,
+def dynamic_thresholding(denoise: DenoiseFn, percentile: float = 0.995,
                          max_value: Optional[float] = None) -> DenoiseFn:
     """Dynamic thresholding of x0 (see dynamic_threshold), eps re-derived."""
     check_percentile(percentile)
 
-    def thresholded(x_t: Tensor, t: Tensor) -> Prediction:
-        pred = denoise(x_t, t)
+    def thresholded(x_t: Tensor, sigma: Tensor) -> Prediction:
+        pred = denoise(x_t, sigma)
         x0 = dynamic_threshold(pred.x0, percentile, max_value)
-        return _with_x0(pred, x_t, x0, schedule.alpha_bar_at(t))
+        return _with_x0(pred, x_t, x0, process.alpha_bar_of_sigma(sigma))
     return thresholded

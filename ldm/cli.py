@@ -25,6 +25,7 @@ def _oracle_table(args: argparse.Namespace) -> int:
     print(f"{'sampler':<36}{'mean':>8}{'std':>8}{'std/true':>10}{'seconds':>9}")
     runs = [("ddpm", 1000, {}), ("ddpm", 50, {}), ("ddpm", 50, {"variance": "fixed_large"}),
             ("ddim", 50, {}), ("ddim", 50, {"eta": 1.0}), ("langevin", 100, {}), ("dpmpp_2m", 20, {})]
+    runs += [(name, 20, {}) for name in SAMPLERS if name not in {r[0] for r in runs}]  # every registered one
     for name, steps, options in runs:
         g = torch.Generator().manual_seed(0)
         x_T = randn((args.samples, 4), g, torch.float64)

@@ -176,7 +176,8 @@ class LatentDiffusionPipeline:
     def denoiser(self, cond: torch.Tensor, cond_mask: torch.Tensor, uncond: Optional[torch.Tensor],
                  uncond_mask: Optional[torch.Tensor], guidance_scale: float, thresholding):
         """The DenoiseFn the samplers walk: CFG in one batched call when uncond is given, then thresholding."""
-        denoiser = Denoiser(self.unet, self.schedule, self.diffusion.prediction_type, self.diffusion.variance_type)
+        denoiser = Denoiser(self.unet, self.schedule, self.diffusion.prediction_type, self.diffusion.variance_type,
+                            self.diffusion.timestep_rounding)
         if uncond is None:
             denoise = partial(denoiser, context=cond, context_mask=self._mask(cond_mask))
         else:

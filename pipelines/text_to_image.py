@@ -19,7 +19,7 @@ class TextToImagePipeline(LatentDiffusionPipeline):
                  callback: Optional[Callable] = None) -> PipelineOutput:
         """Generate images for one prompt or a list of prompts ("" draws unconditional samples).
 
-        sampler: a name in ldm.sampling.SAMPLERS ("ddim", "ddpm", "dpmpp_2m", "langevin"), with its options in
+        sampler: a name in ldm.sampling.SAMPLERS ("ddim", "euler", "dpmpp_2m", "unipc", ...), with its options in
         sampler_options (e.g. {"eta": 1.0} for ddim; eta= is the same); sampler, num_inference_steps and guidance_scale
         default (None) to the model's own, stored in its folder (shapes-64: dpmpp_2m, 20 steps, guidance 3;
         where none is stored: ddim, 50, 7.5); guidance_scale > 1 turns on classifier-free guidance

@@ -110,3 +110,23 @@ def test_the_network_sees_fractional_timesteps_between_grid_levels():
     torch.testing.assert_close(torch.stack([t[0] for t in seen]).double(), S.timestep_of(levels[:-1]),
                                rtol=0, atol=1e-4)
     assert seen[0][0].item() == 999 and seen[1][0].item() != round(seen[1][0].item())
+
+
+@pytest.mark.parametrize("n", [1, 7, 20, 50])
+def test_family_spacings_are_diffusers_own(n):
+    """Each diffusers family's meaning of a spacing name has its own name here: DPM-Solver's and UniPC's leading
+    and linspace leave the lowest of n + 1 points out; Euler's linspace is fractional."""
+    from diffusers import UniPCMultistepScheduler
+    for cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
+        for theirs, ours in (("leading", "leading_open"), ("linspace", "linspace_open"), ("trailing", "trailing")):
+            scheduler = cls(**SD, timestep_spacing=theirs, steps_offset=1 if theirs == "leading" else 0)
+            scheduler.set_timesteps(n)
+            expected = spaced_timesteps(1000, n, ours, 1 if theirs == "leading" else 0)
+            assert scheduler.timesteps.tolist() == expected.tolist(), (cls.__name__, theirs)
+    euler = EulerDiscreteScheduler(**SD, timestep_spacing="linspace")
+    euler.set_timesteps(n)
+    torch.testing.assert_close(euler.timesteps.double(), spaced_timesteps(1000, n, "linspace_float"), atol=1e-4,
+                               rtol=0)
+    # diffusers' float32 alpha_bar cumprod: up to 1.3e-5 relative at sigma_min
+    torch.testing.assert_close(euler.sigmas[:-1].double(), noise_levels(S, n, "linspace_float")[:-1], rtol=2e-5,
+                               atol=0)

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from ..config import JsonConfig, check_number
 from ..sampling import SAMPLERS, get_sampler
 from . import parameterization as param
+from .denoiser import TIMESTEP_ROUNDINGS
 from .grids import check_grid
 from .schedule import SCHEDULE_ALIASES, NoiseSchedule
 
@@ -18,6 +19,17 @@ _DIFFUSERS_SCHEDULE = {"cosine": "squaredcos_cap_v2"}
 _DIFFUSERS_SIGMAS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
 # diffusers' default timestep_spacing per scheduler class, where a config names none
 _DIFFUSERS_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "PNDMScheduler": "leading"}
+_ALPHA_TO_ONE_DEFAULT = {"DDIMScheduler": True, "PNDMScheduler": False}
+# The grid a diffusers spacing name means differs by scheduler family (ldm.diffusion.grids.spaced_timesteps)
+_K_FAMILY = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+             "LMSDiscreteScheduler")
+_MULTISTEP_FAMILY = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+_FAMILY_SPACINGS = {"k": {"linspace": "linspace_float"},
+                    "multistep": {"leading": "leading_open", "linspace": "linspace_open"}}
+
+
+def _family(class_name: Optional[str]) -> str:
+    return "k" if class_name in _K_FAMILY else "multistep" if class_name in _MULTISTEP_FAMILY else "ddim"
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,9 @@ class DiffusionConfig(JsonConfig):
     steps_offset: int = 0
     sigma_schedule: Optional[str] = None
     final: str = "zero"
+    # the network sees the nearest ("nearest") or the lower ("floor") training timestep of a level between them,
+    # as diffusers' DPM-Solver and UniPC feed integer timesteps (the levels themselves stay where they are)
+    timestep_rounding: Optional[str] = None
     sampler: str = "ddim"
     num_inference_steps: Optional[int] = None  # None: diffusers' 50, or every timestep of a shorter schedule
     guidance_scale: float = 7.5
@@ -43,6 +58,9 @@ class DiffusionConfig(JsonConfig):
         object.__setattr__(self, "prediction_type", param.check_prediction_type(self.prediction_type))
         param.check_variance_type(self.variance_type)
         check_grid(self.spacing, self.sigma_schedule, self.final)
+        if self.timestep_rounding not in TIMESTEP_ROUNDINGS:
+            raise ValueError("timestep_rounding must be one of null, 'nearest', 'floor'; "
+                             f"got {self.timestep_rounding!r}")
         get_sampler(self.sampler)
         self.build_schedule()  # validates the schedule name and length
         if self.num_inference_steps is not None:
@@ -74,16 +92,49 @@ class DiffusionConfig(JsonConfig):
         variance = d.get("variance_type") or "fixed_small"
         name = d.get("_class_name")
         sigma_schedule = next((k for k, flag in _DIFFUSERS_SIGMAS.items() if d.get(flag)), None)
-        final = "sigma_min" if d.get("set_alpha_to_one") is False or d.get("final_sigmas_type") == "sigma_min" \
-            else "zero"
+        # DDIM and PNDM end at alpha_bar = 1 unless set_alpha_to_one is false (PNDM's default); the sigma-based
+        # schedulers end at sigma 0 unless final_sigmas_type is "sigma_min" (keys of other classes are ignored)
+        if name in _ALPHA_TO_ONE_DEFAULT:
+            final = "zero" if d.get("set_alpha_to_one", _ALPHA_TO_ONE_DEFAULT[name]) else "sigma_min"
+        else:
+            final = "sigma_min" if d.get("final_sigmas_type") == "sigma_min" else "zero"
+        spacing = d.get("timestep_spacing") or _DIFFUSERS_SPACING.get(name, "linspace")
+        spacing = _FAMILY_SPACINGS.get(_family(name), {}).get(spacing, spacing)
+        rounding = None
+        if _family(name) == "multistep" and sigma_schedule is not None:
+            spacing = "linspace"  # they redistribute between the training grid's extremes, whatever the spacing
+            rounding = _multistep_rounding(name, sigma_schedule, SCHEDULE_ALIASES.get(d.get("beta_schedule"),
+                                                                                      d.get("beta_schedule")))
         return cls(schedule=d.get("beta_schedule", "linear"), num_timesteps=d.get("num_train_timesteps", 1000),
                    beta_start=d.get("beta_start", 0.0001), beta_end=d.get("beta_end", 0.02),
                    zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)),
                    prediction_type=d.get("prediction_type", "epsilon"),
                    variance_type=variance if variance in param.VARIANCE_TYPES else "fixed_small",
-                   spacing=d.get("timestep_spacing") or _DIFFUSERS_SPACING.get(name, "linspace"),
-                   steps_offset=d.get("steps_offset", 0), sigma_schedule=sigma_schedule, final=final,
-                   sampler=_sampler_from_diffusers(d))
+                   spacing=spacing, steps_offset=d.get("steps_offset", 0), sigma_schedule=sigma_schedule,
+                   final=final, timestep_rounding=rounding, sampler=_sampler_from_diffusers(d))
+
+    def _diffusers_spacing(self, name: str) -> str:
+        """The timestep_spacing that means this grid in the diffusers class `name`; a warning where none does."""
+        family = _family(name)
+        if family == "multistep" and self.sigma_schedule is not None:
+            if self.spacing != "linspace":
+                _unequal_grid(name, f"spreads {self.sigma_schedule} sigmas over the whole training range, not over "
+                                    f"the {self.spacing} timesteps")
+            theirs = _multistep_rounding(name, self.sigma_schedule, self.schedule)
+            if self.timestep_rounding != theirs:
+                _unequal_grid(name, f"feeds the network the {theirs} timesteps of these sigmas, not "
+                                    f"{self.timestep_rounding or 'fractional'} ones")
+            return "linspace"
+        if self.timestep_rounding:
+            _unequal_grid(name, "does not round timesteps")
+        names = {ours: theirs for theirs, ours in _FAMILY_SPACINGS.get(family, {}).items()}
+        if self.spacing in names:
+            return names[self.spacing]
+        if self.spacing in _FAMILY_SPACINGS.get(family, {}) or self.spacing not in ("leading", "trailing", "linspace"):
+            nearest = self.spacing.split("_")[0]
+            _unequal_grid(name, f"has no spacing equal to {self.spacing!r}; writing {nearest!r}")
+            return nearest
+        return self.spacing
 
     def to_diffusers(self) -> dict[str, Any]:
         """The scheduler config of the default sampler's diffusers equal (a DDIMScheduler for a sampler that
@@ -92,20 +143,35 @@ class DiffusionConfig(JsonConfig):
                                         beta_end=self.beta_end).betas  # before any zero-SNR rescaling
         spec = get_sampler(self.sampler)
         name, settings = spec.diffusers or SAMPLERS["ddim"].diffusers
+        if spec.diffusers_differs:
+            warnings.warn(f"writing {name} for {spec.name}, which differs from it: {spec.diffusers_differs}",
+                          stacklevel=2)
         out = {"_class_name": name, "num_train_timesteps": self.num_timesteps,
                "beta_schedule": _DIFFUSERS_SCHEDULE.get(self.schedule, self.schedule),
                "beta_start": self.beta_start if self.beta_start is not None else float(betas[0]),
                "beta_end": self.beta_end if self.beta_end is not None else float(betas[-1]),
                "rescale_betas_zero_snr": self.zero_terminal_snr,
-               "prediction_type": _DIFFUSERS_PREDICTION[self.prediction_type], "timestep_spacing": self.spacing,
-               "steps_offset": self.steps_offset, **settings}
-        if name == "DDIMScheduler":
+               "prediction_type": _DIFFUSERS_PREDICTION[self.prediction_type],
+               "timestep_spacing": self._diffusers_spacing(name), "steps_offset": self.steps_offset, **settings}
+        if name in _ALPHA_TO_ONE_DEFAULT:
             out["set_alpha_to_one"] = self.final == "zero"
         else:
             out["final_sigmas_type"] = self.final
         if self.sigma_schedule is not None:
             out[_DIFFUSERS_SIGMAS[self.sigma_schedule]] = True
         return out
+
+
+def _multistep_rounding(name: str, sigma_schedule: str, schedule: Optional[str]) -> str:
+    """How diffusers' DPM-Solver / UniPC turn the fractional timesteps of redistributed sigmas into integers:
+    rounded for Karras sigmas (DPM-Solver: except on the cosine schedule), else truncated by the int64 cast."""
+    rounds = sigma_schedule == "karras" and (name != "DPMSolverMultistepScheduler" or schedule != "cosine")
+    return "nearest" if rounds else "floor"
+
+
+def _unequal_grid(name: str, what: str) -> None:
+    warnings.warn(f"diffusers' {name} {what}; the diffusers folder will sample on a slightly different grid",
+                  stacklevel=4)
 
 
 def _sampler_from_diffusers(d: dict[str, Any]) -> str:
@@ -117,9 +183,12 @@ def _sampler_from_diffusers(d: dict[str, Any]) -> str:
         if spec.diffusers and spec.diffusers[0] == name:
             off = [f"{k}={d[k]!r}" for k, v in spec.diffusers[1].items() if d.get(k, v) != v]
             if not off:
+                if spec.diffusers_differs:
+                    warnings.warn(f"sampling the diffusers scheduler {name} with {spec.name}, which differs from it: "
+                                  f"{spec.diffusers_differs}", stacklevel=3)
                 return spec.name
             differing += off
-    why = f" with {', '.join(differing)}" if differing else ""
+    why = f" with {', '.join(dict.fromkeys(differing))}" if differing else ""
     warnings.warn(f"the diffusers scheduler {name}{why}, as configured, has no equal sampler here; sampling "
                   "with ddim", stacklevel=3)
     return "ddim"

@@ -32,6 +32,7 @@ class Prediction:
 # denoise(x_t, sigma) -> Prediction: x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps at the noise levels sigma
 # (float64, shape [B], on the CPU; alpha_bar = 1 / (1 + sigma^2)). Conditioning is bound in by closure or partial.
 DenoiseFn = Callable[[Tensor, Tensor], Prediction]
+TIMESTEP_ROUNDINGS = (None, "nearest", "floor")
 
 
 def per_row(sigma, batch: int) -> Tensor:
@@ -47,16 +48,20 @@ class Denoiser:
     """Binds a network to a schedule: `denoiser(x_t, sigma, **cond) -> Prediction`, a DenoiseFn.
 
     The one place a noise level becomes the network's time input: schedule.timestep_of(sigma), the training
-    timestep on the grid and a fractional one between (float32). The network is called as
-    `model(x_t, t, **cond)` and returns C channels (fixed variance) or 2C channels (learned / learned_range:
-    the second half is the log variance or the range logit v in [-1, 1]). Training calls the network at
-    integer timesteps itself and turns its output into a Prediction with `prediction`.
+    timestep on the grid and a fractional one between (float32; rounded to the nearest or the one below with
+    timestep_rounding "nearest" or "floor", as diffusers' multistep solvers feed integer timesteps). The
+    network is called as `model(x_t, t, **cond)` and returns C channels (fixed variance) or 2C channels
+    (learned / learned_range: the second half is the log variance or the range logit v in [-1, 1]). Training
+    calls the network at integer timesteps itself and turns its output into a Prediction with `prediction`.
     """
 
     def __init__(self, model: Callable, schedule: NoiseSchedule, prediction_type: str = "eps",
-                 variance_type: str = "fixed_small"):
+                 variance_type: str = "fixed_small", timestep_rounding: Optional[str] = None):
         self.model = model
         self.schedule = schedule
+        if timestep_rounding not in TIMESTEP_ROUNDINGS:
+            raise ValueError(f"timestep_rounding must be one of None, 'nearest', 'floor'; got {timestep_rounding!r}")
+        self.timestep_rounding = timestep_rounding
         self.prediction_type = param.check_prediction_type(prediction_type)
         self.variance_type = param.check_variance_type(variance_type)
 
@@ -67,6 +72,10 @@ class Denoiser:
     def __call__(self, x_t: Tensor, sigma: Tensor, **cond) -> Prediction:
         sigma = per_row(sigma, x_t.shape[0])
         t = self.schedule.timestep_of(sigma)
+        if self.timestep_rounding == "nearest":
+            t = t.round()
+        elif self.timestep_rounding == "floor":
+            t = t.floor()
         output = self.model(x_t, t.to(device=x_t.device, dtype=torch.float32), **cond)
         return self._predict(output, x_t, process.alpha_bar_of_sigma(sigma), t.round().long())
 

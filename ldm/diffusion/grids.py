@@ -17,30 +17,54 @@ import torch
 from ..config import is_number
 from .schedule import NoiseSchedule, check_num_steps
 
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("leading", "trailing", "linspace", "linspace_float", "leading_open", "linspace_open")
 SIGMA_SCHEDULES = ("karras", "exponential", "beta")
 FINALS = ("zero", "sigma_min")
 
 
 def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing",
                      steps_offset: int = 0) -> torch.Tensor:
-    """Descending inference timesteps: "leading", "trailing" or "linspace", as diffusers' DDIM/DDPM schedulers
-    compute them, so the same names give the same steps."""
+    """Descending inference timesteps, as diffusers' schedulers compute them (each family has its own variants,
+    so each has its own name here; DiffusionConfig.from_diffusers picks the one a scheduler class means):
+
+    - "leading": i * (T // n) + steps_offset; "trailing": round(T - i T / n) - 1; "linspace": round(linspace(0,
+      T - 1, n)) (DDIM, DDPM, PNDM; Euler, Heun and LMS for leading and trailing);
+    - "linspace_float": linspace(0, T - 1, n) unrounded, fractional timesteps (Euler, Heun, LMS's linspace), as
+      float64; its levels interpolate sigma linearly between training timesteps, as those schedulers do;
+    - "leading_open" and "linspace_open": n + 1 leading or linspace points with the lowest one (t = 0 before the
+      offset) left out (DPM-Solver's and UniPC's leading and linspace).
+    """
     check_num_steps(num_steps, num_timesteps)
+    T, n = num_timesteps, num_steps
     if spacing == "leading":
-        ratio = num_timesteps // num_steps
-        ts = torch.arange(num_steps, dtype=torch.float64).mul(ratio).round() + steps_offset
+        ts = torch.arange(n, dtype=torch.float64).mul(T // n).round() + steps_offset
     elif spacing == "trailing":
-        ratio = num_timesteps / num_steps
-        ts = torch.round(torch.arange(num_timesteps, 0, -ratio, dtype=torch.float64)) - 1
+        ts = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)) - 1
     elif spacing == "linspace":
-        ts = torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64).round()
+        ts = torch.linspace(0, T - 1, n, dtype=torch.float64).round()
+    elif spacing == "linspace_float":
+        return torch.linspace(0, T - 1, n, dtype=torch.float64).flip(0)
+    elif spacing == "leading_open":
+        ts = torch.arange(1, n + 1, dtype=torch.float64).mul(T // (n + 1)).round() + steps_offset
+    elif spacing == "linspace_open":
+        ts = torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round()[1:]
     else:
         raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
     ts = ts.long().sort(descending=True).values
-    if ts[0] >= num_timesteps or ts[-1] < 0:
-        raise ValueError(f"steps_offset={steps_offset} moves timesteps outside [0, {num_timesteps - 1}]")
+    if ts[0] >= T or ts[-1] < 0:
+        raise ValueError(f"steps_offset={steps_offset} moves timesteps outside [0, {T - 1}]")
     return ts
+
+
+def sigma_at_float(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """sigma at (fractional) timesteps, interpolated linearly in sigma between training timesteps, as diffusers'
+    Euler, Heun and LMS schedulers place a fractional linspace (np.interp); equal to sigma_at on integers."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    low = t.floor().long().clamp(0, schedule.num_timesteps - 1)
+    high = (low + 1).clamp(max=schedule.num_timesteps - 1)
+    w = t - low
+    between = (1 - w) * schedule.sigmas[low] + w * schedule.sigmas[high]
+    return torch.where(w == 0, schedule.sigmas[low], between)  # exact on the grid, and no 0 * inf at T - 1
 
 
 def karras_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> torch.Tensor:
@@ -81,7 +105,8 @@ def noise_levels(schedule: NoiseSchedule, num_steps: int, spacing: str = "traili
     evaluated at, then the final one. With a sigma_schedule, its end points are the levels of the first and last
     spaced timesteps (as diffusers' Euler; with "linspace" spacing they are the training grid's extremes)."""
     check_grid(spacing, sigma_schedule, final)
-    sigmas = schedule.sigma_at(spaced_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset))
+    ts = spaced_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset)
+    sigmas = sigma_at_float(schedule, ts) if ts.is_floating_point() else schedule.sigma_at(ts)
     if sigma_schedule is not None and num_steps > 1:
         if not bool(torch.isfinite(sigmas[0])):
             raise ValueError(f"sigma_schedule={sigma_schedule!r} needs a finite largest noise level; this schedule "

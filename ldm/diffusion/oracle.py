@@ -20,16 +20,17 @@ def _per_sample(v: Tensor, like: Tensor) -> Tensor:
     return v.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _gaussian_posterior(x_t: Tensor, alpha_bar: Tensor, mean: Tensor, std: float) -> tuple[Tensor, Tensor]:
+def _gaussian_posterior(x_t: Tensor, alpha_bar: Tensor, mean: Tensor, std) -> tuple[Tensor, Tensor]:
     a = _per_sample(alpha_bar, x_t)
     var_t = a * std**2 + (1 - a)
     x0 = mean + a.sqrt() * std**2 / var_t * (x_t - a.sqrt() * mean)
     return x0, std**2 * (1 - a) / var_t
 
 
-def gaussian_denoiser(mean, std: float, exact_variance: bool = False,
+def gaussian_denoiser(mean, std, exact_variance: bool = False,
                       schedule: NoiseSchedule | None = None) -> DenoiseFn:
-    """E[x0 | x_t] for x0 ~ N(mean, std^2 I); `mean` broadcasts against one sample (e.g. shape [D]).
+    """E[x0 | x_t] for x0 ~ N(mean, diag(std^2)); `mean` and `std` (a number or a tensor) broadcast against one
+    sample (e.g. shape [D]).
 
     With exact_variance, log_var is the true variance of q(x_{t-1} | x_t) on the full schedule,
     beta~_t + c_t^2 Var[x0 | x_t] with c_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t); this reverse
@@ -42,7 +43,7 @@ def gaussian_denoiser(mean, std: float, exact_variance: bool = False,
     def denoise(x_t: Tensor, sigma: Tensor) -> Prediction:
         alpha_bar = process.alpha_bar_of_sigma(sigma)
         mu = torch.as_tensor(mean, dtype=x_t.dtype, device=x_t.device)
-        x0, var_x0 = _gaussian_posterior(x_t, alpha_bar, mu, std)
+        x0, var_x0 = _gaussian_posterior(x_t, alpha_bar, mu, torch.as_tensor(std, dtype=x_t.dtype, device=x_t.device))
         eps = process.eps_from_x0(x_t, x0, alpha_bar)
         if not exact_variance:
             return Prediction(x0, eps)

@@ -73,8 +73,10 @@ class NoiseSchedule:
         self.posterior_log_variance_clipped = torch.log(clipped)
         self.log_snr = torch.log(self.alpha_bar) - torch.log1p(-self.alpha_bar)
         self.sigmas = process.sigma_of_alpha_bar(self.alpha_bar)
-        # log sigma for the time map; a zero alpha_bar counts as 2**-24 there, as diffusers' schedulers do
-        self._log_sigmas = process.sigma_of_alpha_bar(self.alpha_bar.clamp(min=2.0**-24)).log()
+        # log sigma for the time map; a zero alpha_bar (zero terminal SNR) counts as 2**-24 there, as diffusers'
+        # schedulers do (only a zero one: the cosine schedule's last alpha_bar, 2.4e-9, is smaller than that)
+        alpha_bar = torch.where(self.alpha_bar == 0, torch.full_like(self.alpha_bar, 2.0**-24), self.alpha_bar)
+        self._log_sigmas = process.sigma_of_alpha_bar(alpha_bar).log()
 
     @classmethod
     def from_name(cls, name: str, num_timesteps: int = 1000, *, beta_start: float | None = None,

@@ -10,7 +10,11 @@ from ..diffusion.grids import check_levels, levels_of_timesteps, noise_levels
 from ..diffusion.schedule import NoiseSchedule
 from ..random import Generator
 from .registry import SAMPLERS, Option, SamplerSpec, get_sampler, register
-from .samplers import ddim, ddim_invert, ddim_step, ddpm, ddpm_step, dpmpp_2m, langevin
+from .dpm_solvers import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde
+from .k_samplers import euler, euler_ancestral, heun, lms
+from .plms import plms
+from .samplers import ddim, ddim_invert, ddim_step, ddpm, ddpm_step, langevin
+from .unipc import unipc
 from .transforms import (classifier_free_guidance, classifier_guidance, dynamic_threshold,
                          dynamic_thresholding, static_thresholding)
 
@@ -44,7 +48,8 @@ def sample(denoise: DenoiseFn, x_T: torch.Tensor, schedule: Optional[NoiseSchedu
     grid over `schedule` (spacing "trailing" (default), "leading" or "linspace"; sigma_schedule None, "karras",
     "exponential" or "beta"; final "zero" or "sigma_min"), or the given integer `timesteps` or `sigmas`.
 
-    generator: one torch.Generator, or a list with one per row of x_T (per-image seeds).
+    generator: one torch.Generator, a list with one per row of x_T (per-image seeds), or a callable x -> noise
+    shaped as x (a given noise source).
     denoise(x_t, sigma) gets the noise levels (float64, shape [B]) and returns a Prediction.
     sampler: a name in SAMPLERS; options: that sampler's (SAMPLERS[name].options), checked and defaulted there.
     callback(i, sigma, x, prediction) after each step.
@@ -57,6 +62,7 @@ def sample(denoise: DenoiseFn, x_T: torch.Tensor, schedule: Optional[NoiseSchedu
 
 __all__ = [
     "sample", "resolve_sigmas", "SAMPLERS", "SamplerSpec", "Option", "register", "get_sampler", "ddpm", "ddim",
-    "ddim_invert", "langevin", "dpmpp_2m", "ddpm_step", "ddim_step", "classifier_free_guidance",
+    "ddim_invert", "langevin", "plms", "euler", "euler_ancestral", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde",
+    "dpmpp_3m_sde", "unipc", "ddpm_step", "ddim_step", "classifier_free_guidance",
     "classifier_guidance", "static_thresholding", "dynamic_thresholding", "dynamic_threshold",
 ]

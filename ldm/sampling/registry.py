@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from ..config import is_int, is_number
 from ..diffusion import parameterization as param
-from . import samplers
+from . import dpm_solvers, k_samplers, plms, samplers, unipc
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class SamplerSpec:
     options: Mapping[str, Option] = field(default_factory=dict)
     # (class name, settings) of the diffusers scheduler that steps as this sampler does, if any
     diffusers: Optional[tuple[str, Mapping[str, Any]]] = None
+    # where that scheduler is the nearest diffusers has but not equal: how it differs (warned on read and write)
+    diffusers_differs: Optional[str] = None
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """The options with defaults filled in; an unknown name or a bad value is a ValueError naming both."""
@@ -86,7 +88,43 @@ register(SamplerSpec(
     options={"n_corrector": Option(1, _int_at_least(0), "an integer >= 0"),
              "snr": Option(0.16, _positive, "a number > 0")}))
 register(SamplerSpec(
-    "dpmpp_2m", samplers.dpmpp_2m, "DPM-Solver++(2M)",
-    options={"lower_order_final": Option(True, _bool, "true or false")},
-    diffusers=("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                               "thresholding": False})))
+    "plms", plms.plms, "PLMS (PNDM)", diffusers=("PNDMScheduler", {"skip_prk_steps": True})))
+register(SamplerSpec("euler", k_samplers.euler, "Euler",
+                     diffusers=("EulerDiscreteScheduler", {"interpolation_type": "linear", "sigma_min": None,
+                                                           "sigma_max": None, "timestep_type": "discrete"})))
+register(SamplerSpec(
+    "euler_ancestral", k_samplers.euler_ancestral, "Euler ancestral",
+    options={"eta": Option(1.0, _number_at_least(0), "a number >= 0")},
+    diffusers=("EulerAncestralDiscreteScheduler", {})))
+register(SamplerSpec("heun", k_samplers.heun, "Heun", diffusers=("HeunDiscreteScheduler", {"clip_sample": False})))
+register(SamplerSpec(
+    "lms", k_samplers.lms, "LMS", options={"order": Option(4, lambda v: is_int(v) and 1 <= v <= 4, "1, 2, 3 or 4")},
+    diffusers=("LMSDiscreteScheduler", {})))
+_SOLVER_TYPE = Option("midpoint", lambda v: v in ("midpoint", "heun"), "'midpoint' or 'heun'")
+_DPM = {"solver_type": "midpoint", "thresholding": False, "euler_at_final": False, "use_lu_lambdas": False,
+        "variance_type": None}
+register(SamplerSpec(
+    "dpmpp_2m", dpm_solvers.dpmpp_2m, "DPM-Solver++(2M)",
+    options={"lower_order_final": Option(True, _bool, "true or false"), "solver_type": _SOLVER_TYPE},
+    diffusers=("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, **_DPM})))
+register(SamplerSpec(
+    "dpmpp_2m_sde", dpm_solvers.dpmpp_2m_sde, "DPM-Solver++(2M) SDE",
+    options={"eta": Option(1.0, _number_at_least(0), "a number >= 0"),
+             "lower_order_final": Option(True, _bool, "true or false"), "solver_type": _SOLVER_TYPE},
+    diffusers=("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, **_DPM})))
+register(SamplerSpec(
+    "dpmpp_3m_sde", dpm_solvers.dpmpp_3m_sde, "DPM-Solver++(3M) SDE",
+    options={"eta": Option(1.0, _number_at_least(0), "a number >= 0"),
+             "lower_order_final": Option(True, _bool, "true or false"), "solver_type": _SOLVER_TYPE},
+    diffusers=("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, **_DPM}),
+    diffusers_differs="its third-order SDE update adds alpha_t D2 to the exact integral's (ldm.sampling.dpm_solvers)"))
+register(SamplerSpec(
+    "unipc", unipc.unipc, "UniPC",
+    options={"order": Option(2, lambda v: is_int(v) and 1 <= v <= 3, "1, 2 or 3"),
+             "solver_type": Option("bh2", lambda v: v in ("bh1", "bh2"), "'bh1' or 'bh2'"),
+             "predict_x0": Option(True, _bool, "true or false"),
+             "corrector": Option(True, _bool, "true or false"),
+             "lower_order_final": Option(True, _bool, "true or false")},
+    diffusers=("UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2", "predict_x0": True,
+                                           "lower_order_final": True, "disable_corrector": [], "solver_p": None,
+                                           "thresholding": False, "use_flow_sigmas": False})))

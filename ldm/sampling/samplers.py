@@ -5,32 +5,19 @@ prediction)` after step i. x is variance-preserving, x = sqrt(alpha_bar) x0 + sq
 alpha_bar = 1 / (1 + sigma^2), in and out; no sampler needs the training schedule."""
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..diffusion import parameterization as param
 from ..diffusion import process
 from ..diffusion.denoiser import DenoiseFn, Prediction, per_row
-from ..random import Generator, randn
+from .common import Callback, NoiseSource
+from .common import ab as _ab
+from .common import noise_like as _noise
+from .common import pairs as _pairs
 
 Tensor = torch.Tensor
-Callback = Optional[Callable[[int, float, Tensor, Prediction], None]]
-
-
-def _pairs(sigmas: Tensor) -> list[tuple[float, float]]:
-    levels = [float(s) for s in sigmas]
-    return list(zip(levels[:-1], levels[1:]))
-
-
-def _ab(sigma: float) -> Tensor:
-    """alpha_bar of a level as a float64 scalar tensor."""
-    return process.alpha_bar_of_sigma(sigma)
-
-
-def _noise(x: Tensor, generator: Generator) -> Tensor:
-    return randn(x.shape, generator, x.dtype, x.device)
 
 
 def ddpm_step(x_t: Tensor, pred: Prediction, alpha_bar, alpha_bar_prev, variance: str = "fixed_small",
@@ -53,7 +40,7 @@ def ddpm_step(x_t: Tensor, pred: Prediction, alpha_bar, alpha_bar_prev, variance
     return mean + torch.exp(0.5 * log_var) * noise
 
 
-def ddpm(denoise: DenoiseFn, x_T: Tensor, sigmas: Tensor, *, generator: Generator = None,
+def ddpm(denoise: DenoiseFn, x_T: Tensor, sigmas: Tensor, *, generator: NoiseSource = None,
          callback: Callback = None, variance: str = "fixed_small") -> Tensor:
     """DDPM ancestral sampling over all or a strided subset of the levels; no noise on a step to sigma 0."""
     param.check_variance_type(variance, param.FIXED_VARIANCE_TYPES)
@@ -85,7 +72,7 @@ def ddim_step(x_t: Tensor, pred: Prediction, alpha_bar, alpha_bar_prev, eta: flo
     return x
 
 
-def ddim(denoise: DenoiseFn, x_T: Tensor, sigmas: Tensor, *, generator: Generator = None,
+def ddim(denoise: DenoiseFn, x_T: Tensor, sigmas: Tensor, *, generator: NoiseSource = None,
          callback: Callback = None, eta: float = 0.0) -> Tensor:
     """DDIM sampling; eta = 0 is the deterministic probability-flow discretization, eta = 1 is DDPM-like.
     With eta > 0 noise is drawn at every step (zero-weighted on a step to sigma 0), as diffusers does."""
@@ -128,7 +115,7 @@ def _inversion_step(x_s: Tensor, eps: Tensor, alpha_bar, alpha_bar_prev) -> Tens
     return process.q_sample(x0, eps, alpha_bar)
 
 
-def langevin(denoise: DenoiseFn, x_T: Tensor, sigmas: Tensor, *, generator: Generator = None,
+def langevin(denoise: DenoiseFn, x_T: Tensor, sigmas: Tensor, *, generator: NoiseSource = None,
              callback: Callback = None, n_corrector: int = 1, snr: float = 0.16) -> Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 5, with an ancestral predictor): at each
     noise level, `n_corrector` steps of annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1)
@@ -149,40 +136,6 @@ def langevin(denoise: DenoiseFn, x_T: Tensor, sigmas: Tensor, *, generator: Gene
         pred = denoise(x, level)
         noise = _noise(x, generator) if s_next > 0 else None
         x = ddpm_step(x, pred, ab, ab_prev, "fixed_small", noise)
-        if callback is not None:
-            callback(i, s, x, pred)
-    return x
-
-
-def dpmpp_2m(denoise: DenoiseFn, x_T: Tensor, sigmas: Tensor, *, generator: Generator = None,
-             callback: Callback = None, lower_order_final: bool = True) -> Tensor:
-    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (data prediction, multistep second order), in
-    lambda = log(alpha / sigma_vp) = -log(sigma) with alpha = sqrt(alpha_bar), sigma_vp = sqrt(1 - alpha_bar). The
-    first step is first order, and so is a last step to sigma 0 (it returns the x0 prediction) or, with
-    lower_order_final, any last step of a grid under 15 steps (as diffusers). A step between equal levels
-    leaves x as it is."""
-    del generator  # deterministic; accepted so every sampler has the same signature
-    pairs = _pairs(sigmas)
-    x = x_T
-    x0_prev: Optional[Tensor] = None
-    h_prev: Optional[float] = None
-    for i, (s, s_next) in enumerate(pairs):
-        pred = denoise(x, per_row(s, x.shape[0]))
-        if s_next == 0:
-            x = pred.x0
-        elif s_next < s:
-            ab, ab_next = _ab(s), _ab(s_next)
-            alpha_t, sigma_s, sigma_t = float(ab_next.sqrt()), float((1 - ab).sqrt()), float((1 - ab_next).sqrt())
-            h = math.log(s) - math.log(s_next)
-            last = i == len(pairs) - 1 and lower_order_final and len(pairs) < 15
-            if x0_prev is None or h_prev is None or last:
-                d = pred.x0
-            else:
-                r = h_prev / h
-                d = (1 + 0.5 / r) * pred.x0 - (0.5 / r) * x0_prev
-            x = (sigma_t / sigma_s) * x - alpha_t * math.expm1(-h) * d
-            h_prev = h
-        x0_prev = pred.x0
         if callback is not None:
             callback(i, s, x, pred)
     return x

@@ -1,6 +1,7 @@
 """The shapes benchmark runner end to end: a generator that draws exactly what each prompt asks scores 1.0 on
 every task, one that ignores the prompt scores low, and `ldm bench shapes` runs on a saved model."""
 import numpy as np
+import pytest
 
 from ldm.cli import main
 from ldm.data.shapes import render
@@ -39,6 +40,10 @@ def test_perfect_generator_scores_one_and_a_prompt_blind_one_does_not():
     blind_oracle = Oracle(ignore_prompt=True)
     blind = run_shapes_benchmark(blind_oracle, per_task=2, batch_size=24)
     assert blind["scores"]["seen"]["mean"] < 0.5
+    for split in ("seen", "heldout"):  # prompt by prompt, in order: the mean is theirs
+        assert len(blind["correct"][split]) == 2 * len(TASKS)
+        assert np.mean(blind["correct"][split]) == pytest.approx(blind["scores"][split]["mean"])
+    assert all(result["correct"]["seen"])
     assert blind_oracle.calls[0]["sampler"] == blind["sampler"] == "dpmpp_2m"  # the model's default
 
 

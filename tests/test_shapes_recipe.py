@@ -114,6 +114,36 @@ def test_shipped_cards_are_rendered_from_their_folders(tmp_path):
     (copy / "MODEL_CARD.md").write_text("stale")
     main(["card", "--model", str(copy)])
     assert (copy / "MODEL_CARD.md").read_text() == (WEIGHTS_DIR / "shapes-64" / "MODEL_CARD.md").read_text()
+    for name in ("shapes-64", "shapes-64-vq"):  # the figures are those of the folder's own sampling defaults
+        record = json.loads((WEIGHTS_DIR / name / "training.json").read_text())
+        stored = json.loads((WEIGHTS_DIR / name / "ldm_pipeline.json").read_text())["diffusion"]
+        assert record["sampler"] == stored["sampler"], name
+        assert record.get("spacing", "trailing") == stored["spacing"], name
+        assert record.get("sigma_schedule") == stored.get("sigma_schedule"), name
+
+
+def test_measure_remeasures_a_folder_at_its_stored_defaults(tmp_path):
+    """`python -m ldm.train.shapes measure` after a folder's default sampler and grid changed: the figures are
+    measured with them and the card names them; the training record is kept."""
+    import shutil
+
+    from ldm.checkpoints import WEIGHTS_DIR
+    from ldm.train.shapes import main
+    copy = tmp_path / "shapes-64"
+    shutil.copytree(WEIGHTS_DIR / "shapes-64", copy)
+    config = json.loads((copy / "ldm_pipeline.json").read_text())
+    config["diffusion"].update(sampler="unipc", spacing="linspace", sigma_schedule="karras")
+    (copy / "ldm_pipeline.json").write_text(json.dumps(config))
+    before = json.loads((copy / "training.json").read_text())
+    main(["measure", "--model", str(copy), "--per-task", "1"])
+    after = json.loads((copy / "training.json").read_text())
+    assert (after["sampler"], after["spacing"], after["sigma_schedule"], after["per_task"]) == (
+        "unipc", "linspace", "karras", 1)
+    assert {k: after[k] for k in ("unet_steps", "commands", "export", "hardware")} == {
+        k: before[k] for k in ("unet_steps", "commands", "export", "hardware")}  # trained there; measured here
+    assert after["measured_on"]
+    card = (copy / "MODEL_CARD.md").read_text()
+    assert "Sampled by default with UniPC on Karras sigmas" in card and "1\n  prompts per task" in card
 
 
 def test_lr_decay_is_cosine_to_a_tenth():

@@ -15,10 +15,12 @@ from .shapes_eval import SPLITS, benchmark_prompts, evaluate, format_table, grou
 def run_shapes_benchmark(pipe, num_inference_steps: int = 20, sampler: Optional[str] = None,
                          guidance_scale: float = 3.0, per_task: int = 36, batch_size: int = 32, splits=SPLITS,
                          seed: int = 0, progress: Optional[callable] = None) -> dict:
-    """{"scores": {split: {task: accuracy, ..., "mean": m}}, "seconds_per_image": s, "images": n, "sampler": name,
-    "table": text}; sampler=None is the pipeline's default (the model folder's diffusion.sampler)."""
+    """{"scores": {split: {task: accuracy, ..., "mean": m}}, "correct": {split: [bool per prompt, in order]},
+    "seconds_per_image": s, "images": n, "sampler": name, "table": text}; sampler=None is the pipeline's default
+    (the model folder's diffusion.sampler). "correct" lets two runs on the same prompts be compared prompt by
+    prompt."""
     sampler = pipe.diffusion.sampler if sampler is None else sampler
-    scores, seconds, count = {}, 0.0, 0
+    scores, correct, seconds, count = {}, {}, 0.0, 0
     for split in splits:
         prompts = benchmark_prompts(split, per_task=per_task, seed=seed)
         results = []
@@ -34,7 +36,8 @@ def run_shapes_benchmark(pipe, num_inference_steps: int = 20, sampler: Optional[
             if progress is not None:
                 progress(split, i + len(chunk), len(prompts))
         scores[split] = score(results)
-    return {"scores": scores, "seconds_per_image": seconds / max(count, 1), "images": count, "sampler": sampler,
+        correct[split] = [bool(ok) for _, ok in results]
+    return {"scores": scores, "correct": correct, "seconds_per_image": seconds / max(count, 1), "images": count, "sampler": sampler,
             "table": format_table(scores)}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints import load_component, save_pipeline, write_json
+from ..checkpoints import load_component, read_json, resolve, save_pipeline, write_json
 from ..cli import int_at_least
 from ..eval.metrics import psnr
 from ..files import write_text
@@ -205,7 +205,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
     with torch.no_grad():
         rec = torch.cat([pipe.vae.decode(pipe.vae.encode(x[i:i + 128], sample=False)) for i in range(0, 512, 128)])
     ceiling = {split: round(s["mean"], 3) for split, s in autoencoder_ceiling(pipe.vae, per_task=args.per_task).items()}
-    steps, guidance = DIFFUSION.num_inference_steps, DIFFUSION.guidance_scale
+    steps, guidance = pipe.diffusion.default_steps, pipe.diffusion.guidance_scale
     bench = run_shapes_benchmark(pipe, num_inference_steps=steps, guidance_scale=guidance, per_task=args.per_task)
     one = _seconds_per_call(lambda: pipe("a red circle above a blue square", num_inference_steps=steps,
                                          guidance_scale=guidance, seed=0, output_type="np"), 5)
@@ -213,10 +213,27 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
     many = _seconds_per_call(lambda: pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, seed=0,
                                           output_type="np"), 3)
     return {"autoencoder_psnr_db": round(psnr(rec, x), 2), "autoencoder_ceiling": ceiling,
-            "sampler": bench["sampler"], "scores": bench["scores"], "per_task": args.per_task,
+            "sampler": bench["sampler"], "spacing": pipe.diffusion.spacing,
+            "sigma_schedule": pipe.diffusion.sigma_schedule, "scores": bench["scores"], "per_task": args.per_task,
             "seconds_per_image_benchmark": round(bench["seconds_per_image"], 4),
             "seconds_batch_1": round(one, 4), "images_per_second_batch_32": round(32 / many, 1),
             "hardware": hardware()}
+
+
+def remeasure(args: argparse.Namespace) -> None:
+    """Measure a model folder again at its stored defaults (after its sampler or grid changed, or on another
+    machine): its training.json's figures are replaced, its training record kept, and its card re-rendered."""
+    folder = resolve(args.model)
+    if not (folder / TRAINING_FILE).is_file():
+        raise SystemExit(f"--model {args.model!r}: no {TRAINING_FILE} there (a folder written by export)")
+    record = read_json(folder / TRAINING_FILE)
+    figures = measure(args, folder)
+    figures["measured_on"] = figures.pop("hardware")  # "hardware" stays the machine it was trained on
+    record.update(figures)
+    write_json(record, folder / TRAINING_FILE)
+    card = render_model_card(folder)
+    write_text(folder / "MODEL_CARD.md", card)
+    print(card)
 
 
 def bench_prompts_sample() -> list:
@@ -290,6 +307,10 @@ def main(argv=None) -> None:
     card = sub.add_parser("card", help="render a model folder's MODEL_CARD.md again from its training.json")
     card.add_argument("--model", required=True, help="a model folder written by export, or a shipped model's name")
     card.set_defaults(func=rewrite_card)
+    ms = sub.add_parser("measure", help="measure a model folder again at its stored defaults and re-render its card")
+    ms.add_argument("--model", required=True, help="a model folder written by export, or a shipped model's name")
+    ms.add_argument("--per-task", type=int, default=36, help="benchmark prompts per task and split")
+    ms.set_defaults(func=remeasure)
     ex.set_defaults(func=export)
     args = parser.parse_args(argv)
     args.func(args)

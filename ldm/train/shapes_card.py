@@ -13,7 +13,17 @@ from ..eval.shapes_eval import SPLITS, format_table
 from ..nn.autoencoder import AutoencoderConfig
 from ..nn.unet import UNetConfig
 
-SAMPLER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "ddpm": "DDPM", "langevin": "Langevin"}
+_SIGMAS = {"karras": "Karras sigmas", "exponential": "exponential sigmas", "beta": "beta sigmas"}
+
+
+def sampler_label(record: dict) -> str:
+    """The sampler and grid a record was measured with, e.g. "DPM-Solver++(2M)" or "UniPC on Karras sigmas"
+    (trailing spacing, the default, goes unnamed; records before grids were stored are trailing)."""
+    from ..sampling import SAMPLERS
+
+    label = SAMPLERS[record["sampler"]].display
+    sigmas, spacing = record.get("sigma_schedule"), record.get("spacing", "trailing")
+    return label + (f" on {_SIGMAS[sigmas]}" if sigmas else "" if spacing == "trailing" else f", {spacing} spacing")
 
 
 TRAINING_FILE = "training.json"  # a model folder's structured record: figures, steps, notes, commands
@@ -56,7 +66,8 @@ def render_model_card(folder: Path) -> str:
         table=format_table({split: r["scores"][split] for split in SPLITS}), seen=r["scores"]["seen"]["mean"],
         heldout=r["scores"]["heldout"]["mean"],
         one=r["seconds_batch_1"], many=r["images_per_second_batch_32"], per_task=r["per_task"],
-        sampler=SAMPLER_NAMES[r["sampler"]], hardware=r["hardware"], ae_steps=r["autoencoder_steps"],
+        sampler=sampler_label(r), hardware=r["hardware"], measured_on=r.get("measured_on", r["hardware"]),
+        ae_steps=r["autoencoder_steps"],
         ae_minutes=r["autoencoder_minutes"], unet_steps=r["unet_steps"], unet_minutes=r["unet_minutes"],
         num_images=r["unet_scenes"], num_captions=r["unet_captions"], ae_note=r["autoencoder_note"],
         unet_note=r["unet_note"], unet_params=r["unet_parameters"] / 1e6, ae_params=r["autoencoder_parameters"] / 1e6,
@@ -97,7 +108,7 @@ It draws nothing else: no photos, no other objects. Trained from scratch by this
 2-core CPU, and shipped inside the package: `TextToImagePipeline.from_pretrained("{name}")`.
 
 Shapes benchmark mean (the share of prompts drawn right), seen / held-out compositions:
-{seen:.3f} / {heldout:.3f}; one image in {one:.2f} s on a 2-core CPU ({hardware}). Sampled by default with {sampler},
+{seen:.3f} / {heldout:.3f}; one image in {one:.2f} s on a 2-core CPU ({measured_on}). Sampled by default with {sampler},
 20 steps, guidance 3 (stored in its folder).
 
 ## Components

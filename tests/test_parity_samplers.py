@@ -146,17 +146,23 @@ def test_sde_dpm_solvers_step_by_step(sampler, order, spacing, grid, prediction_
     else:
         config = read(theirs)
     assert config.sampler == sampler
-    theirs.set_timesteps(25)
-    g = torch.Generator().manual_seed(3)
-    noises = [torch.randn(x_T().shape, generator=g, dtype=torch.float64) for _ in theirs.timesteps]
-    x, expected = x_T(), []
-    for t, z in zip(theirs.timesteps, noises):
-        x = theirs.step(net(x, t), t, x, variance_noise=z).prev_sample
-        expected.append(x)
+    expected, noises = diffusers_with_noise(theirs, net, 25)
     draws = iter(noises)
     levels, ours = our_run(config, net, schedule, x_T(), 25, lambda x: next(draws), sampler)
     torch.testing.assert_close(levels, theirs.sigmas.double(), rtol=1e-6, atol=0)
     assert_same(ours, expected)
+
+
+def diffusers_with_noise(scheduler, net, num_steps, seed=3):
+    """A DPM-Solver scheduler's samples after each step, and the noise it was handed (variance_noise)."""
+    scheduler.set_timesteps(num_steps)
+    g = torch.Generator().manual_seed(seed)
+    noises = [torch.randn(x_T().shape, generator=g, dtype=torch.float64) for _ in scheduler.timesteps]
+    x, out = x_T(), []
+    for t, z in zip(scheduler.timesteps, noises):
+        x = scheduler.step(net(x, t), t, x, variance_noise=z).prev_sample
+        out.append(x)
+    return out, noises
 
 
 def _patch_third_order_sde(scheduler):
@@ -254,13 +260,7 @@ def test_dpm_solver_heun_form(algorithm_type, sampler):
     theirs = with_our_table(DPMSolverMultistepScheduler(**SD, algorithm_type=algorithm_type, solver_type="heun"),
                             schedule)
     config = read(with_our_table(DPMSolverMultistepScheduler(**SD, algorithm_type=algorithm_type), schedule))
-    theirs.set_timesteps(20)
-    g = torch.Generator().manual_seed(3)
-    noises = [torch.randn(x_T().shape, generator=g, dtype=torch.float64) for _ in theirs.timesteps]
-    x, expected = x_T(), []
-    for t, z in zip(theirs.timesteps, noises):
-        x = theirs.step(net(x, t), t, x, variance_noise=z).prev_sample
-        expected.append(x)
+    expected, noises = diffusers_with_noise(theirs, net, 20)
     draws = iter(noises)
     _, ours = our_run(config, net, schedule, x_T(), 20, lambda x: next(draws), sampler, solver_type="heun")
     assert_same(ours, expected)

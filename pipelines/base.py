@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ldm import checkpoints
+from ldm.conditioning import Conditioning
 from ldm.config import check_number, is_int
 from ldm.device import check_device, check_dtype
-from ldm.diffusion import Denoiser
+from ldm.diffusion.augmentation import LowResConditioning
 from ldm.diffusion.config import DiffusionConfig
 from ldm.random import Generator
-from ldm.diffusion.grids import noise_levels
-from ldm.sampling import classifier_free_guidance, dynamic_thresholding, get_sampler, static_thresholding
+from ldm.sampling import get_sampler
+from ldm.stage import PipelineParts, Stage
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-THRESHOLDING = ("static", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -40,9 +38,11 @@ class Settings:
 @dataclass
 class PipelineOutput:
     """images: a list of PIL images ("pil"), a float array [B, H, W, 3] in [0, 1] ("np"), a tensor
-    [B, 3, H, W] in [0, 1] ("pt"), or latents [B, C, h, w] ("latent"). seeds: the seed of each image, if seeded."""
+    [B, 3, H, W] in [0, 1] ("pt"), or latents [B, C, h, w] ("latent"). seeds: the seed of each image, if seeded.
+    stage_images: a cascade's output of every stage, base first (a truncated stage's is its noisy sample)."""
     images: Any
     seeds: Optional[list[int]] = None
+    stage_images: Optional[list] = None
 
 
 def check_prompts(prompt: Union[str, Sequence[str]], name: str = "prompt") -> list[str]:
@@ -72,14 +72,22 @@ def _memory_available(device: torch.device) -> Optional[int]:
     return None
 
 
-class LatentDiffusionPipeline:
-    """A U-Net denoising the latents of an autoencoder, conditioned on a text encoder."""
+class DiffusionPipeline:
+    """A text encoder and one stage (a network, how it samples and, for a latent model, its autoencoder; see
+    ldm.stage): what text-to-image, image-to-image and super-resolution share. `unet`, `vae` (None for a
+    pixel-space model), `diffusion` and `schedule` are the stage's."""
 
-    def __init__(self, unet, vae, text_encoder, diffusion: DiffusionConfig):
-        self.unet, self.vae, self.text_encoder, self.diffusion = unet, vae, text_encoder, diffusion
-        self.schedule = diffusion.build_schedule()
+    def __init__(self, unet, vae, text_encoder, diffusion: DiffusionConfig,
+                 low_res: Optional[LowResConditioning] = None):
+        self.stage = Stage(unet, diffusion, vae, low_res)
+        self.text_encoder = text_encoder
         self.progress = True
         self._lora_originals: dict[str, torch.Tensor] = {}  # weights from before load_lora, for unload_lora
+
+    unet = property(lambda self: self.stage.unet, lambda self, v: setattr(self.stage, "unet", v))
+    vae = property(lambda self: self.stage.vae, lambda self, v: setattr(self.stage, "vae", v))
+    diffusion = property(lambda self: self.stage.diffusion, lambda self, v: setattr(self.stage, "diffusion", v))
+    schedule = property(lambda self: self.stage.schedule)
 
     # ---- loading and saving -------------------------------------------------------------------------
     @classmethod
@@ -92,17 +100,23 @@ class LatentDiffusionPipeline:
         check_device(device)  # both before reading gigabytes of weights
         check_dtype(dtype)
         parts = checkpoints.load_pipeline(path, prediction_type=prediction_type, allow_pickle=allow_pickle)
-        pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.diffusion)
-        return pipe.to(device, dtype)
+        if len(parts.stages) != 1:
+            raise ValueError(f"{path} holds a cascade of {len(parts.stages)} stages; load it with "
+                             "pipelines.CascadePipeline")
+        return cls.from_stage(parts.text_encoder, parts.stages[0]).to(device, dtype)
+
+    @classmethod
+    def from_stage(cls, text_encoder, stage: Stage):
+        return cls(stage.unet, stage.vae, text_encoder, stage.diffusion, stage.low_res)
 
     def save_pretrained(self, folder: Union[str, Path], format: str = "ldm") -> Path:
         """Write the pipeline as our folder format ("ldm") or as a diffusers folder ("diffusers"), atomically."""
-        return checkpoints.save_pipeline(self.unet, self.vae, self.text_encoder, self.diffusion, folder, format)
+        return checkpoints.save_pipeline(PipelineParts(self.text_encoder, [self.stage]), folder, format)
 
     @classmethod
-    def from_pipeline(cls, other: "LatentDiffusionPipeline"):
+    def from_pipeline(cls, other: "DiffusionPipeline"):
         """The same components behind another pipeline class (text-to-image <-> image-to-image)."""
-        return cls(other.unet, other.vae, other.text_encoder, other.diffusion)
+        return cls.from_stage(other.text_encoder, other.stage)
 
     def load_lora(self, path: Union[str, Path], scale: float = 1.0) -> None:
         """Merge a LoRA file (ours, diffusers/peft or kohya names) into the U-Net: W <- W + scale * (alpha / r) B A.
@@ -118,21 +132,24 @@ class LatentDiffusionPipeline:
         restore_weights(self.unet, self._lora_originals)
         self._lora_originals = {}
 
+    def modules(self) -> list[torch.nn.Module]:
+        return self.stage.modules() + [self.text_encoder]
+
     def to(self, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None):
         """Move every network to `device` ("cpu", "cuda", "cuda:1", "mps", ...) and optionally cast to `dtype`
         (torch.float32, bfloat16 or float16)."""
         device = check_device(device)
         if dtype is not None:
             check_dtype(dtype)
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules():
             module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
             module.eval()
         # oneDNN runs reduced-precision convolutions much faster on channels-last tensors (the SD U-Net in bf16:
         # 2.3x on an AVX2 CPU, identical output); in float32 plain NCHW was faster there, so the layout follows.
         reduced = self.dtype in (torch.bfloat16, torch.float16)
         layout = torch.channels_last if reduced and self.device.type == "cpu" else torch.contiguous_format
-        self.unet.to(memory_format=layout)
-        self.vae.to(memory_format=layout)
+        for module in self.stage.modules():
+            module.to(memory_format=layout)
         return self
 
     @property
@@ -145,7 +162,13 @@ class LatentDiffusionPipeline:
 
     @property
     def latent_factor(self) -> int:
-        return self.vae.downsample_factor
+        """Pixels per position of the sampled array (the autoencoder's factor; 1 for a pixel-space model)."""
+        return self.stage.factor
+
+    @property
+    def default_size(self) -> int:
+        """The image size the model was built for: the U-Net's sample size times the autoencoder factor."""
+        return self.stage.native_size
 
     # ---- pieces of a call ---------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]):
@@ -173,64 +196,24 @@ class LatentDiffusionPipeline:
         # same noise on every device
         return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds], [int(s) for s in seeds]
 
-    def denoiser(self, cond: torch.Tensor, cond_mask: torch.Tensor, uncond: Optional[torch.Tensor],
-                 uncond_mask: Optional[torch.Tensor], guidance_scale: float, thresholding):
-        """The DenoiseFn the samplers walk: CFG in one batched call when uncond is given, then thresholding."""
-        denoiser = Denoiser(self.unet, self.schedule, self.diffusion.prediction_type, self.diffusion.variance_type,
-                            self.diffusion.timestep_rounding)
-        if uncond is None:
-            denoise = partial(denoiser, context=cond, context_mask=self._mask(cond_mask))
-        else:
-            mask = self._mask(torch.cat([uncond_mask, cond_mask]))
-            denoise = classifier_free_guidance(partial(denoiser, context=torch.cat([uncond, cond]), context_mask=mask),
-                                               guidance_scale)
-        if thresholding is None:
-            return denoise
-        if isinstance(thresholding, str):
-            kind, options = thresholding, {}
-        elif isinstance(thresholding, dict):
-            kind, options = thresholding.get("kind"), {k: v for k, v in thresholding.items() if k != "kind"}
-        else:
-            kind, options = None, {}
-        if kind == "static":
-            return static_thresholding(denoise, **options)
-        if kind == "dynamic":
-            return dynamic_thresholding(denoise, **options)
-        raise ValueError(f"thresholding must be None, 'static', 'dynamic' or a dict with kind in {THRESHOLDING}; "
-                         f"got {thresholding!r}")
+    def draw(self, prompts: list[str], run: Settings, n: int, x: torch.Tensor, sigmas: torch.Tensor, thresholding,
+             generator: Generator, callback: Optional[Callable],
+             extra: Optional[Conditioning] = None) -> torch.Tensor:
+        """The call every pipeline makes: condition the stage on the prompts (n images each; `extra` inputs, such
+        as a low-resolution image, go to both halves of classifier-free guidance) and walk `sigmas` from x."""
+        cond, uncond = self.conditioning(prompts, run.negatives, n, run.guidance_scale)
+        if extra is not None:
+            cond = cond.replace(**extra)
+            uncond = None if uncond is None else uncond.replace(**extra)
+        denoise = self.stage.denoiser(cond, uncond, run.guidance_scale, thresholding)
+        return self.stage.sample(denoise, x, sigmas, run.sampler, run.sampler_options, generator, callback,
+                                 self.progress)
 
-    def _mask(self, mask: torch.Tensor) -> Optional[torch.Tensor]:
-        """The text padding mask for cross-attention, if the U-Net was trained with one (Stable Diffusion was
-        not: it attends to padding tokens) and anything is masked (else SDPA keeps its fast path)."""
-        return mask if self.unet.config.mask_context and not bool(mask.all()) else None
-
-    def run_sampler(self, denoise, latents: torch.Tensor, sigmas: torch.Tensor, run: Settings,
-                    generator: Generator, callback: Optional[Callable]) -> torch.Tensor:
-        """Walk the noise levels `sigmas` (the grid's last one included) with the run's sampler, with a progress
-        bar and a check for non-finite latents after every step; callback(i, sigma, x, prediction)."""
-        bar = tqdm(total=len(sigmas) - 1, disable=not self.progress, desc=run.sampler, leave=False)
-
-        def on_step(i, sigma, x, pred):
-            if not bool(torch.isfinite(x).all()):
-                bar.close()
-                raise FloatingPointError(
-                    f"non-finite latents after step {i} (sigma={sigma:.4g}) of {run.sampler}; in float16/bfloat16 "
-                    "try float32, or a smaller guidance_scale")
-            bar.update(1)
-            if callback is not None:
-                callback(i, sigma, x, pred)
-
-        with torch.no_grad():
-            out = get_sampler(run.sampler).fn(denoise, latents, sigmas, generator=generator, callback=on_step,
-                                              **run.sampler_options)
-        bar.close()
-        return out
-
-    def decode(self, latents: torch.Tensor, output_type: str):
+    def decode(self, x: torch.Tensor, output_type: str):
+        """The sampled array as `output_type`: "latent" (as sampled), "pt", "np" or "pil" images in [0, 1]."""
         if output_type == "latent":
-            return latents
-        with torch.no_grad():
-            images = (self.vae.decode(latents.to(self.dtype)).float() / 2 + 0.5).clamp(0, 1)
+            return x
+        images = (self.stage.decode(x) / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return images
         array = images.permute(0, 2, 3, 1).cpu().numpy()
@@ -281,15 +264,19 @@ class LatentDiffusionPipeline:
         of a convolution, per image) are a lower bound of what decoding needs."""
         available = _memory_available(self.device)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        needed = 2 * batch * self.vae.config.ch * self.vae.config.ch_mult[0] * height * width * itemsize
+        net = self.vae.config if self.vae is not None else None  # a pixel-space U-Net's first level instead
+        width_ = net.ch * net.ch_mult[0] if net else self.unet.config.model_channels * self.unet.config.channel_mult[0]
+        needed = 2 * batch * width_ * height * width * itemsize
         if available is not None and needed > available:
             raise ValueError(f"{batch} image(s) of {height}x{width} need at least {needed / 2**30:.0f} GiB to decode "
-                             f"(the autoencoder's full-resolution activations in {str(self.dtype).split('.')[-1]}); "
+                             f"(the full-resolution activations in {str(self.dtype).split('.')[-1]}); "
                              f"this {self.device.type} device has {available / 2**30:.0f} GiB. Ask for a smaller "
                              "height/width or fewer images")
 
-    def conditioning(self, prompts: list[str], negatives: Optional[list[str]], n: int, guidance_scale: float):
-        """(cond, cond_mask, uncond, uncond_mask) for B = len(prompts) * n images; uncond is None without CFG
+    def conditioning(self, prompts: list[str], negatives: Optional[list[str]], n: int,
+                     guidance_scale: float) -> tuple[Conditioning, Optional[Conditioning]]:
+        """(cond, uncond) for B = len(prompts) * n images: the text encoder's tokens as `context` (and
+        `context_mask` where the U-Net was trained with padding masked out); uncond is None without CFG
         (guidance_scale <= 1, as diffusers decides; a negative prompt is then not used)."""
         k = len(prompts)
         # unconditional samples (every prompt empty, no negative): both halves would be the same, so skip CFG
@@ -297,15 +284,18 @@ class LatentDiffusionPipeline:
         # Both halves in one text-encoder call: one network pass instead of two, and with a chunked encoder both
         # get the same number of windows (encoded apart, a long prompt beside a short negative could not be batched).
         embeddings, masks = self.encode_prompts(prompts + ((negatives or [""]) if guided else []))
-        cond, cond_mask = embeddings[:k].repeat_interleave(n, 0), masks[:k].repeat_interleave(n, 0)
+        # Stable Diffusion attends to padding tokens; where nothing is masked SDPA keeps its fast path
+        masked = self.unet.config.mask_context and not bool(masks.all())
+        text = Conditioning({"context": embeddings, "context_mask": masks if masked else None})
+        cond = Conditioning({k_: v if v is None else v[:k] for k_, v in text.items()}).repeat_interleave(n)
         if not guided:
-            return cond, cond_mask, None, None
-        uncond, uncond_mask = embeddings[k:], masks[k:]
+            return cond, None
+        uncond = Conditioning({k_: v if v is None else v[k:] for k_, v in text.items()})
         if negatives is None:  # the empty prompt, encoded once
-            uncond, uncond_mask = uncond.expand(k, -1, -1), uncond_mask.expand(k, -1)
-        return cond, cond_mask, uncond.repeat_interleave(n, 0), uncond_mask.repeat_interleave(n, 0)
+            uncond = uncond.expand(k)
+        return cond, uncond.repeat_interleave(n)
 
     def sigmas(self, num_inference_steps: int) -> torch.Tensor:
         """The model's inference grid (its folder's spacing, sigma schedule and final level): num_inference_steps
         noise levels, then the one sampling ends at."""
-        return noise_levels(self.schedule, num_inference_steps, **self.diffusion.grid)
+        return self.stage.sigmas(num_inference_steps)

@@ -12,7 +12,7 @@ from ldm.config import check_number
 from ldm.diffusion import process
 from ldm.random import Generator, randn
 
-from .base import LatentDiffusionPipeline, PipelineOutput, check_prompts
+from .base import DiffusionPipeline, PipelineOutput, check_prompts
 
 ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, Sequence[Image.Image]]
 
@@ -57,7 +57,14 @@ def image_to_tensor(image: ImageInput, factor: int) -> torch.Tensor:
     return tensor * 2 - 1
 
 
-class ImageToImagePipeline(LatentDiffusionPipeline):
+def per_image(pixels: torch.Tensor, prompts: int, n: int) -> torch.Tensor:
+    """One image for all prompts or one per prompt -> one row per drawn image (each prompt's n in a row)."""
+    if pixels.shape[0] not in (1, prompts):
+        raise ValueError(f"give one image or one per prompt ({prompts}); got {pixels.shape[0]}")
+    return pixels.expand(prompts, -1, -1, -1).repeat_interleave(n, 0)
+
+
+class ImageToImagePipeline(DiffusionPipeline):
     def __call__(self, prompt: Union[str, Sequence[str]], image: ImageInput, strength: float = 0.8,
                  negative_prompt: Union[None, str, Sequence[str]] = None, num_inference_steps: Optional[int] = None,
                  guidance_scale: Optional[float] = None, sampler: Optional[str] = None, eta: float = 0.0,
@@ -75,20 +82,14 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         check_number("strength", strength, 0, 1, low_open=True)
         num_inference_steps = run.num_inference_steps
         pixels = image_to_tensor(image, self.latent_factor).to(self.device, self.dtype)
-        if pixels.shape[0] not in (1, len(prompts)):
-            raise ValueError(f"give one image or one per prompt ({len(prompts)}); got {pixels.shape[0]}")
         batch = len(prompts) * num_images_per_prompt
         self.check_memory(batch, *pixels.shape[-2:])
-        pixels = pixels.expand(len(prompts), -1, -1, -1).repeat_interleave(num_images_per_prompt, 0)
+        pixels = per_image(pixels, len(prompts), num_images_per_prompt)
         generators, seeds = self.generators(batch, seed, generator)
         steps = max(1, min(int(num_inference_steps * strength), num_inference_steps))
         sigmas = self.sigmas(num_inference_steps)[num_inference_steps - steps:]
-        with torch.no_grad():
-            z0 = self.vae.encode(pixels, generator=generators)
+        z0 = self.stage.encode(pixels, generators)
         noise = randn(z0.shape, generators, z0.dtype, z0.device)
-        latents = process.q_sample(z0, noise, process.alpha_bar_of_sigma(sigmas[0]))
-        cond, cond_mask, uncond, uncond_mask = self.conditioning(prompts, run.negatives, num_images_per_prompt,
-                                                                 run.guidance_scale)
-        denoise = self.denoiser(cond, cond_mask, uncond, uncond_mask, run.guidance_scale, thresholding)
-        latents = self.run_sampler(denoise, latents, sigmas, run, generators, callback)
-        return PipelineOutput(self.decode(latents, output_type), seeds)
+        x = process.q_sample(z0, noise, process.alpha_bar_of_sigma(sigmas[0]))
+        x = self.draw(prompts, run, num_images_per_prompt, x, sigmas, thresholding, generators, callback)
+        return PipelineOutput(self.decode(x, output_type), seeds)

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Union
 
+import torch
+
 from ldm.config import check_number
+from ldm.diffusion.grids import stop_at
 from ldm.random import Generator, randn
 
-from .base import LatentDiffusionPipeline, PipelineOutput, check_prompts
+from .base import DiffusionPipeline, PipelineOutput, Settings, check_prompts
 
 
-class TextToImagePipeline(LatentDiffusionPipeline):
+class TextToImagePipeline(DiffusionPipeline):
     def __call__(self, prompt: Union[str, Sequence[str]], negative_prompt: Union[None, str, Sequence[str]] = None,
                  num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                  sampler: Optional[str] = None, eta: float = 0.0, sampler_options: Optional[dict] = None,
@@ -31,27 +34,30 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         prompts = check_prompts(prompt)
         run = self.check_common(prompts, negative_prompt, num_inference_steps, guidance_scale, sampler, eta,
                                 sampler_options, num_images_per_prompt, output_type)
-        f = self.latent_factor
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
+        self.check_size(height, width)
+        batch = len(prompts) * num_images_per_prompt
+        if output_type != "latent":
+            self.check_memory(batch, height, width)
+        generators, seeds = self.generators(batch, seed, generator)
+        x = self.generate(prompts, run, num_images_per_prompt, height, width, thresholding, generators, callback)
+        return PipelineOutput(self.decode(x, output_type), seeds)
+
+    def check_size(self, height, width) -> None:
+        f = self.latent_factor
         for name, value in (("height", height), ("width", width)):
             check_number(name, value, f, integer=True)
             if value % f:
                 raise ValueError(f"{name} must be a multiple of {f} (the autoencoder's downsampling factor); "
                                  f"got {value}")
-        batch = len(prompts) * num_images_per_prompt
-        if output_type != "latent":
-            self.check_memory(batch, height, width)
-        generators, seeds = self.generators(batch, seed, generator)
-        cond, cond_mask, uncond, uncond_mask = self.conditioning(prompts, run.negatives, num_images_per_prompt,
-                                                                 run.guidance_scale)
-        denoise = self.denoiser(cond, cond_mask, uncond, uncond_mask, run.guidance_scale, thresholding)
-        shape = (batch, self.unet.config.in_channels, height // f, width // f)
-        latents = randn(shape, generators, self.dtype, self.device)
-        latents = self.run_sampler(denoise, latents, self.sigmas(run.num_inference_steps), run, generators, callback)
-        return PipelineOutput(self.decode(latents, output_type), seeds)
 
-    @property
-    def default_size(self) -> int:
-        """The image size the model was built for: the U-Net's sample size times the autoencoder factor."""
-        return self.unet.config.sample_size * self.latent_factor
+    def generate(self, prompts: list[str], run: Settings, n: int, height: int, width: int, thresholding,
+                 generators, callback, sigma_stop: float = 0.0) -> torch.Tensor:
+        """The sampled array of n images per prompt from noise; with sigma_stop > 0 sampling stops at that noise
+        level (a truncated cascade's base) and returns x there."""
+        f = self.latent_factor
+        x = randn((len(prompts) * n, self.stage.channels, height // f, width // f), generators, self.dtype,
+                  self.device)
+        sigmas = stop_at(self.sigmas(run.num_inference_steps), sigma_stop)
+        return self.draw(prompts, run, n, x, sigmas, thresholding, generators, callback)

@@ -146,3 +146,15 @@ def check_levels(sigmas) -> torch.Tensor:
         raise ValueError("sigmas must be at least two non-increasing noise levels >= 0 (the last one where "
                          f"sampling ends, usually 0), first above last; got {s.tolist()}")
     return s
+
+
+def stop_at(sigmas: torch.Tensor, sigma_stop: float) -> torch.Tensor:
+    """A grid that ends at sigma_stop instead of its own last level: the levels above it, then it (truncated
+    conditioning augmentation stops a stage there). At least one step: refused if sigma_stop is not below the
+    first level."""
+    if sigma_stop <= float(sigmas[-1]):
+        return sigmas
+    if sigma_stop >= float(sigmas[0]):
+        raise ValueError(f"cannot stop at noise level {sigma_stop:.4g}: the grid starts at {float(sigmas[0]):.4g}")
+    above = sigmas[sigmas > sigma_stop]
+    return torch.cat([above, torch.tensor([sigma_stop], dtype=sigmas.dtype)])

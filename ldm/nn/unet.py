@@ -21,6 +21,9 @@ from .layers import Downsample, ResBlock, Upsample, timestep_embedding
 Tensor = torch.Tensor
 
 
+NOISE_LEVEL_EMBEDS = (None, "timestep", "table")
+
+
 @dataclass(frozen=True)
 class UNetConfig(JsonConfig):
     """U-Net hyper-parameters, named as in the original LDM configs.
@@ -29,7 +32,12 @@ class UNetConfig(JsonConfig):
     num_heads / num_head_channels: fixed head count (SD1: 8) or fixed head width (SD2: 64; then num_heads=-1).
     transformer_depth: one value or one per level. context_dim: text-embedding width (None: self-attention only).
     num_classes: class-label embedding; adm_in_channels: a projected vector (pooled text / image / noise-level
-    embedding, `y`) added to the time embedding. sample_size: native latent size (SD1: 64 -> 512 px).
+    embedding, `y`) added to the time embedding. concat_channels: channels of an image concatenated to x before the
+    first convolution (a super-resolution model's low-resolution input; counted in in_channels). noise_level_embed:
+    how the augmentation level of that input (`noise_level`, a timestep of the augmentation schedule) is embedded
+    and added to the time embedding: "timestep" (sinusoidal + MLP, as DeepFloyd IF's class_embed_type="timestep")
+    or "table" (one learned vector per integer level, as the x4 upscaler's num_class_embeds).
+    sample_size: native latent size (SD1: 64 -> 512 px).
     mask_context: whether pipelines pass the text padding mask (Stable Diffusion attends to padding tokens).
     """
 
@@ -54,6 +62,9 @@ class UNetConfig(JsonConfig):
     mid_attention: bool = True
     sample_size: int = 64  # the latent size it was trained at (does not change the network)
     mask_context: bool = False  # trained with padding tokens masked out of cross-attention (SD: no)
+    concat_channels: int = 0
+    noise_level_embed: Optional[str] = None
+    num_noise_levels: int = 1000
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -68,6 +79,11 @@ class UNetConfig(JsonConfig):
             raise ValueError(f"transformer_depth has {len(depth)} entries for {len(self.channel_mult)} levels")
         if self.num_classes is not None and self.adm_in_channels is not None:
             raise ValueError("num_classes and adm_in_channels are alternatives; set at most one")
+        if not 0 <= self.concat_channels < self.in_channels:
+            raise ValueError(f"concat_channels must be in [0, in_channels={self.in_channels}); "
+                             f"got {self.concat_channels}")
+        if self.noise_level_embed not in NOISE_LEVEL_EMBEDS:
+            raise ValueError(f"noise_level_embed must be one of {NOISE_LEVEL_EMBEDS}; got {self.noise_level_embed!r}")
 
     @property
     def downsample_factor(self) -> int:
@@ -123,6 +139,10 @@ class UNetModel(nn.Module):
         elif c.adm_in_channels is not None:
             self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(),
                                                          nn.Linear(emb_dim, emb_dim)))
+        if c.noise_level_embed == "timestep":
+            self.noise_level_emb = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        elif c.noise_level_embed == "table":
+            self.noise_level_emb = nn.Embedding(c.num_noise_levels, emb_dim)
 
         def res(ch_in, ch_out, **kw):
             return ResBlock(ch_in, emb_dim, ch_out, c.dropout, c.use_scale_shift_norm, num_groups=c.num_groups, **kw)
@@ -181,12 +201,26 @@ class UNetModel(nn.Module):
         return block(*args)
 
     def forward(self, x: Tensor, t: Tensor, context: Optional[Tensor] = None, y: Optional[Tensor] = None,
-                context_mask: Optional[Tensor] = None) -> Tensor:
+                context_mask: Optional[Tensor] = None, concat: Optional[Tensor] = None,
+                noise_level: Optional[Tensor] = None) -> Tensor:
         """x [B, C, H, W], t [B] (or a scalar), context [B, L, context_dim], y: labels [B] or vectors
-        [B, adm_in_channels], context_mask [B, L] (True = attend)."""
+        [B, adm_in_channels], context_mask [B, L] (True = attend), concat [B, concat_channels, H, W] (joined to x
+        on the channels), noise_level [B]: concat's augmentation level (integer levels for "table")."""
         c = self.config
-        if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"x must have shape [B, {c.in_channels}, H, W]; got {tuple(x.shape)}")
+        channels = c.in_channels - c.concat_channels
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"x must have shape [B, {channels}, H, W]; got {tuple(x.shape)}")
+        if (concat is None) != (c.concat_channels == 0):
+            raise ValueError(f"this U-Net takes an image of {c.concat_channels} channels as concat; got "
+                             f"{'none' if concat is None else tuple(concat.shape)}")
+        if concat is not None:
+            if concat.ndim != 4 or concat.shape[1] != c.concat_channels or concat.shape[-2:] != x.shape[-2:]:
+                raise ValueError(f"concat must have shape [B, {c.concat_channels}, {x.shape[-2]}, {x.shape[-1]}] "
+                                 f"(x's size); got {tuple(concat.shape)}")
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        if (noise_level is None) != (c.noise_level_embed is None):
+            raise ValueError("pass noise_level exactly when the U-Net embeds one (noise_level_embed="
+                             f"{c.noise_level_embed!r})")
         if c.context_dim is not None and context is None:
             raise ValueError(f"this U-Net cross-attends to a context of width {c.context_dim}; context is None")
         if (c.num_classes is not None or c.adm_in_channels is not None) and y is None:
@@ -196,6 +230,11 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(t, c.model_channels).to(self.dtype))
         if y is not None:
             emb = emb + self.label_emb(y if c.num_classes is not None else y.to(self.dtype))
+        if noise_level is not None:
+            level = torch.as_tensor(noise_level, device=x.device)
+            level = level.expand(x.shape[0]) if level.ndim == 0 else level
+            emb = emb + (self.noise_level_emb(level.long()) if c.noise_level_embed == "table" else
+                         self.noise_level_emb(timestep_embedding(level, c.model_channels).to(self.dtype)))
         h = x.to(self.dtype)
         context = None if context is None else context.to(self.dtype)
         skips = []

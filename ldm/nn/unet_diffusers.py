@@ -76,6 +76,9 @@ def config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
 
 def config_to_diffusers(c: UNetConfig) -> dict[str, Any]:
     """A diffusers UNet2DConditionModel config.json for this configuration."""
+    if c.concat_channels or c.noise_level_embed is not None:
+        raise ValueError("a super-resolution U-Net (concat_channels, noise_level_embed) is written only in this "
+                         "project's folder format so far")
     if c.resblock_updown:
         raise ValueError("diffusers' UNet2DConditionModel has no resblock up/down sampling")
     n = len(c.channel_mult)

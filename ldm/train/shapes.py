@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import load_component, read_json, resolve, save_pipeline, write_json
+from ..stage import PipelineParts
 from ..cli import int_at_least
 from ..eval.metrics import psnr
 from ..files import write_text
@@ -54,7 +55,7 @@ def export(args: argparse.Namespace) -> None:
         ema.load_state_dict(st["ema"])
         ema.copy_to(model)
     text = HFTextEncoder.minilm(max_length=TEXT_MAX_LENGTH)
-    save_pipeline(model.eval(), ae, text, DIFFUSION, args.out)
+    save_pipeline(PipelineParts.single(model.eval(), ae, text, DIFFUSION), args.out)
     out = Path(args.out)
     if narrative:
         write_text(out / HISTORY_FILE, narrative)

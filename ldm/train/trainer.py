@@ -35,6 +35,7 @@ from ..checkpoints import load_pipeline, load_state_dict, read_json, save_pipeli
 from ..device import check_device
 from ..diffusion import Denoiser, training_losses
 from ..random import randint, randn
+from ..stage import PipelineParts
 from .config import TrainConfig
 from .ema import EMA
 from .state import load_training_state, rng_state, save_training_state, set_rng_state
@@ -376,7 +377,8 @@ class Trainer:
             info = {"step": str(self.step), "base_model": str(self.config.base_model)}
             if self.config.mode == "full":
                 with self._ema_weights():
-                    save_pipeline(self.unet, self.vae.float(), self.text_encoder.float(), self.diffusion, final)
+                    save_pipeline(PipelineParts.single(self.unet, self.vae.float(), self.text_encoder.float(),
+                                                      self.diffusion), final)
             else:
                 from .lora import save_lora
                 tmp = self.output / ".tmp-final"

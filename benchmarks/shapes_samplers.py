@@ -32,7 +32,9 @@ from pipelines import TextToImagePipeline
 GRIDS = {"trailing": dict(spacing="trailing", steps_offset=0, sigma_schedule=None),
          "leading": dict(spacing="leading", steps_offset=1, sigma_schedule=None),
          "karras": dict(spacing="linspace", steps_offset=0, sigma_schedule="karras"),
-         "exponential": dict(spacing="linspace", steps_offset=0, sigma_schedule="exponential")}
+         "exponential": dict(spacing="linspace", steps_offset=0, sigma_schedule="exponential"),
+         "linspace": dict(spacing="linspace", steps_offset=0, sigma_schedule=None),
+         "beta": dict(spacing="linspace", steps_offset=0, sigma_schedule="beta")}
 
 
 def cpu_name() -> str:
@@ -73,7 +75,8 @@ def main() -> None:
         with open(args.out) as f:
             for line in f:
                 row = json.loads(line)
-                done[(row["sampler"], row["grid"], row["steps"])] = row
+                if (row.get("seed", 1), row.get("per_task", 24)) == (args.seed, args.per_task):  # same prompts
+                    done[(row["sampler"], row["grid"], row["steps"])] = row
     print(f"{cpu_name()}, {torch.get_num_threads()} threads; prompt set {args.seed}, {args.per_task} prompts per task "
           f"and split; stored default: {stored.sampler} on {stored.spacing}"
           + (f" + {stored.sigma_schedule}" if stored.sigma_schedule else "") + "\n")
@@ -87,7 +90,8 @@ def main() -> None:
                     result = run_shapes_benchmark(pipe, steps, sampler, stored.guidance_scale,
                                                   per_task=args.per_task, batch_size=args.batch_size, seed=args.seed)
                     batches = 2 * math.ceil(result["images"] / 2 / args.batch_size)
-                    done[key] = {"sampler": sampler, "grid": grid, "steps": steps, "calls": calls[0] / batches,
+                    done[key] = {"sampler": sampler, "grid": grid, "steps": steps, "seed": args.seed,
+                                 "per_task": args.per_task, "calls": calls[0] / batches,
                                  "seen": result["scores"]["seen"]["mean"],
                                  "heldout": result["scores"]["heldout"]["mean"], "images": result["images"],
                                  "correct": result["correct"], "seconds_per_image": result["seconds_per_image"]}

@@ -7,6 +7,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -61,7 +62,8 @@ def hardware() -> str:
 class Run:
     """A run folder: log.csv, state.pt (resume) and the time budget."""
 
-    def __init__(self, folder: str, minutes: float, every_minutes: float = 3.0):
+    def __init__(self, folder: str, minutes: float, every_minutes: float = 3.0, program: str = "ldm.train.shapes",
+                 argv: Optional[list[str]] = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.deadline = time.time() + 60 * minutes
@@ -69,7 +71,8 @@ class Run:
         self.last_save = time.time()
         self.state_path = self.folder / "state.pt"
         with open(self.folder / "commands.txt", "a") as f:  # every invocation, for the model card
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M')}  python -m ldm.train.shapes {' '.join(sys.argv[1:])}"
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M')}  python -m {program} "
+                    f"{' '.join(sys.argv[1:] if argv is None else argv)}"
                     f"  # {hardware()}\n")
 
     def log(self, row: dict) -> None:

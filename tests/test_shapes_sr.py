@@ -1,0 +1,46 @@
+"""The shapes cascade's super-resolution recipe: a killed and resumed run gives the weights of an uninterrupted one,
+the training input is the 64-px render corrupted at the drawn level, and the export is a cascade folder that draws
+128-px images behind the shipped base."""
+import numpy as np
+import pytest
+import torch
+
+from ldm.data.shapes_dataset import ShapesDataset
+from ldm.train import shapes_sr
+from ldm.train.state import load_training_state
+from pipelines import CascadePipeline
+
+ARGS = ["--num-images", "24", "--batch", "2", "--crop", "32"]
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_and_exports_a_cascade(tmp_path):
+    shapes_sr.main(["train", "--run", str(tmp_path / "whole"), "--max-steps", "4", *ARGS])
+    shapes_sr.main(["train", "--run", str(tmp_path / "split"), "--max-steps", "2", *ARGS])
+    shapes_sr.main(["train", "--run", str(tmp_path / "split"), "--max-steps", "4", *ARGS])
+    whole, split = (load_training_state(tmp_path / r / "state.pt") for r in ("whole", "split"))
+    assert whole["step"] == split["step"] == 4
+    assert all(torch.equal(whole["model"][k], split["model"][k]) for k in whole["model"])
+    with pytest.raises(SystemExit, match="with augmentation"):
+        shapes_sr.main(["train", "--run", str(tmp_path / "whole"), "--max-steps", "5", "--no-augmentation", *ARGS])
+    shapes_sr.main(["export", "--run", str(tmp_path / "whole"), "--out", str(tmp_path / "cascade")])
+    pipe = CascadePipeline.from_pretrained(tmp_path / "cascade")
+    pipe.progress = False
+    out = pipe("a red circle", num_inference_steps=[2, 2], seed=0, output_type="np")
+    assert out.images.shape == (1, 128, 128, 3) and out.stage_images[0].shape == (1, 64, 64, 3)
+    assert "ldm.train.shapes_sr train" in (tmp_path / "whole" / "commands.txt").read_text()
+
+
+def test_the_training_input_is_the_low_render_corrupted_at_its_level():
+    high, low = (torch.from_numpy(ShapesDataset(s, 4, 7).batch()[0]) for s in (128, 64))
+    assert high.shape == (4, 128, 128, 3) and low.shape == (4, 64, 64, 3)
+    x = torch.from_numpy(low.numpy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    torch.manual_seed(0)
+    clean, levels = shapes_sr.augmented_input(x, augment=False)
+    assert levels.tolist() == [0, 0, 0, 0] and clean.shape == (4, 3, 128, 128)
+    up = shapes_sr.LOW_RES.resize(x, (128, 128))
+    assert (clean - up).abs().max() < 0.1  # level 0: alpha_bar_0, almost clean
+    noisy, levels = shapes_sr.augmented_input(x, augment=True)
+    assert 0 <= int(levels.min()) and int(levels.max()) <= shapes_sr.LOW_RES.max_noise_level
+    a, b = shapes_sr.crops(torch.arange(2 * 8 * 8.).reshape(2, 1, 8, 8), torch.arange(2 * 8 * 8.).reshape(2, 1, 8, 8), 4)
+    assert torch.equal(a, b) and a.shape == (2, 1, 4, 4)  # the same window of target and input
+    assert np.isfinite(noisy.numpy()).all()

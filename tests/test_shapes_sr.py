@@ -41,6 +41,7 @@ def test_the_training_input_is_the_low_render_corrupted_at_its_level():
     assert (clean - up).abs().max() < 0.1  # level 0: alpha_bar_0, almost clean
     noisy, levels = shapes_sr.augmented_input(x, augment=True)
     assert 0 <= int(levels.min()) and int(levels.max()) <= shapes_sr.LOW_RES.max_noise_level
-    a, b = shapes_sr.crops(torch.arange(2 * 8 * 8.).reshape(2, 1, 8, 8), torch.arange(2 * 8 * 8.).reshape(2, 1, 8, 8), 4)
+    grid = torch.arange(2 * 8 * 8.).reshape(2, 1, 8, 8)
+    a, b = shapes_sr.crops(grid, grid.clone(), 4)
     assert torch.equal(a, b) and a.shape == (2, 1, 4, 4)  # the same window of target and input
     assert np.isfinite(noisy.numpy()).all()

@@ -18,14 +18,10 @@ from safetensors.torch import load_file, save_file
 from .diffusion.config import DiffusionConfig
 from .files import atomic_path, write_text
 from .nn.autoencoder import Autoencoder
-from .nn.autoencoder_keys import (autoencoder_state_dict_from_diffusers, autoencoder_state_dict_from_single_file,
-                                  autoencoder_state_dict_to_diffusers, config_from_state_dict,
-                                  diffusers_config_from_ours)
-from .nn.autoencoder_keys import config_from_diffusers as vae_config_from_diffusers
+from .nn.autoencoder_keys import (autoencoder_state_dict_from_single_file,
+                                  config_from_state_dict)
 from .nn.keymap import load_onto_meta
 from .nn.unet import UNetConfig, UNetModel
-from .nn.unet_diffusers import config_from_diffusers, config_to_diffusers, state_dict_from_diffusers, \
-    state_dict_to_diffusers
 from .stage import PipelineParts
 
 PathLike = Union[str, Path]
@@ -130,6 +126,8 @@ def load_pipeline(path: Optional[PathLike] = None, prediction_type: Optional[str
 
             return load_folder(p)
         if (p / "model_index.json").exists():
+            from .diffusers_folder import load_diffusers_folder
+
             return load_diffusers_folder(p, allow_pickle)
         raise ValueError(f"{p} is neither an ldm folder ({PIPELINE_FILE}) nor a diffusers folder (model_index.json)")
     return load_single_file(p, prediction_type, allow_pickle)
@@ -147,40 +145,6 @@ def load_component(folder: PathLike, name: str) -> torch.nn.Module:
     from .pipeline_folder import load_network
 
     return load_network(Path(folder), name, "unet" if name.startswith("unet") else "autoencoder")
-
-
-def _diffusers_weights(component: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin"):
-        if (component / name).exists():
-            return load_state_dict(component / name, allow_pickle)
-    raise FileNotFoundError(f"no weights in {component} (diffusion_pytorch_model.safetensors)")
-
-
-# the diffusers pipelines whose folders hold one U-Net + KL VAE + CLIP text encoder (None: no _class_name)
-DIFFUSERS_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", None)
-
-
-def load_diffusers_folder(folder: PathLike, allow_pickle: bool = False) -> PipelineParts:
-    """A diffusers StableDiffusionPipeline folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
-    folder = Path(folder)
-    index = read_json(folder / "model_index.json")
-    name = index.get("_class_name")
-    if name not in DIFFUSERS_PIPELINES or "text_encoder_2" in index:
-        raise ValueError(f"{folder / 'model_index.json'} describes a {name}; this package loads Stable Diffusion "
-                         f"1.x/2.x folders ({', '.join(p for p in DIFFUSERS_PIPELINES if p)}) so far")
-    unet_config = config_from_diffusers(read_json(folder / "unet" / "config.json"))
-    unet = _model(UNetModel, unet_config,
-                  state_dict_from_diffusers(_diffusers_weights(folder / "unet", allow_pickle), unet_config),
-                  f"{folder}/unet")
-    vae_config = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
-    vae = _model(Autoencoder, vae_config,
-                 autoencoder_state_dict_from_diffusers(_diffusers_weights(folder / "vae", allow_pickle), vae_config),
-                 f"{folder}/vae")
-    from .text.clip import CLIPTextEncoder
-
-    text_encoder = CLIPTextEncoder.from_pretrained(folder, allow_pickle=allow_pickle)
-    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
-    return PipelineParts.single(unet, vae, text_encoder, DiffusionConfig.from_diffusers(scheduler))
 
 
 def unet_config_from_single_file(sd: Mapping[str, torch.Tensor], version: int) -> UNetConfig:
@@ -295,17 +259,13 @@ def save_pipeline(parts: PipelineParts, folder: PathLike, format: str = "ldm") -
 
             save_folder(parts, tmp)
         else:
-            _save_diffusers(parts.unet, parts.vae, parts.text_encoder, parts.diffusion, tmp)
+            from .diffusers_folder import save_diffusers_folder
+
+            save_diffusers_folder(parts, tmp)
         _replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def _save_component(config: dict, state_dict, folder: Path, weights_name: str) -> None:
-    folder.mkdir()
-    write_json(config, folder / "config.json")
-    save_state_dict(state_dict, folder / weights_name, metadata={"format": "pt"})
 
 
 def _bundled_minilm(text_encoder) -> bool:
@@ -324,30 +284,6 @@ def _bundled_minilm(text_encoder) -> bool:
     shipped = load_file(str(package / "model.safetensors"))
     own = text_encoder.model.state_dict()
     return all(k in shipped and torch.equal(v.to(shipped[k].dtype), shipped[k]) for k, v in own.items())
-
-
-def _save_diffusers(unet, vae, text_encoder, diffusion, folder: Path) -> None:
-    import diffusers
-
-    from .text.clip import CLIPTextEncoder
-
-    if not isinstance(text_encoder, CLIPTextEncoder) or vae.config.kind != "kl":
-        raise ValueError("the diffusers StableDiffusionPipeline layout needs a CLIP text encoder and a KL autoencoder")
-    scheduler = diffusion.to_diffusers()
-    write_json({"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
-                "feature_extractor": [None, None], "image_encoder": [None, None],
-                "requires_safety_checker": False}, folder / "model_index.json")
-    _save_component(config_to_diffusers(unet.config), state_dict_to_diffusers(unet.state_dict(), unet.config),
-                    folder / "unet", "diffusion_pytorch_model.safetensors")
-    _save_component({"_class_name": "AutoencoderKL", **diffusers_config_from_ours(vae.config)},
-                    autoencoder_state_dict_to_diffusers(vae.state_dict(), vae.config), folder / "vae",
-                    "diffusion_pytorch_model.safetensors")
-    text_encoder.save_pretrained(folder)  # text_encoder/ and tokenizer/ in diffusers' layout
-    (folder / "scheduler").mkdir()
-    write_json(scheduler, folder / "scheduler" / "scheduler_config.json")
 
 
 def save_single_file(unet: UNetModel, vae: Autoencoder, text_encoder, path: PathLike) -> Path:

@@ -66,6 +66,32 @@ def test_key_map_and_config_round_trip(config):
     rebuilt.load_state_dict(back, strict=True)
 
 
+# the x4 upscaler's layout (low-resolution image concatenated, noise level as one of 1000 class embeddings, the
+# first levels cross-attending in place of self-attention) and DeepFloyd IF stage II's (level timestep-embedded)
+TINY_UPSCALER = dict(TINY_SD1, in_channels=7, num_class_embeds=1000, only_cross_attention=[True, False],
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+TINY_IF2 = dict(TINY_SD1, in_channels=6, out_channels=6, class_embed_type="timestep")
+
+
+@pytest.mark.parametrize("config, concat", [(TINY_UPSCALER, 3), (TINY_IF2, 3)], ids=["x4_upscaler", "if_stage2"])
+def test_noise_level_unets_match_diffusers(config, concat):
+    theirs = randomized(UNet2DConditionModel(**config))
+    c = config_from_diffusers(theirs.config, class_labels="noise_level", concat_channels=concat)
+    ours = UNetModel(c).eval()
+    ours.load_state_dict(state_dict_from_diffusers(theirs.state_dict(), c), strict=True)
+    g = torch.Generator().manual_seed(1)
+    x, image = torch.randn(2, config["in_channels"] - concat, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+    t, level, ctx = torch.tensor([10, 900]), torch.tensor([20, 350]), torch.randn(2, 7, 24, generator=g)
+    with torch.no_grad():
+        expected = theirs(torch.cat([x, image], 1), t, encoder_hidden_states=ctx, class_labels=level).sample
+        got = ours(x, t, ctx, concat=image, noise_level=level)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+    back = state_dict_to_diffusers(ours.state_dict(), c)
+    assert set(back) == set(theirs.state_dict())
+    assert config_from_diffusers(config_to_diffusers(c), "noise_level", concat) == c
+
+
 def test_real_sd_parameter_counts():
     """SD 1.5 and SD 2.1 U-Nets have 859,520,964 and 865,910,724 parameters."""
     with torch.device("meta"):

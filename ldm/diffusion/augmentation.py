@@ -61,7 +61,8 @@ class LowResConditioning(JsonConfig):
                                        beta_end=self.beta_end)
 
     def check_level(self, level, name: str = "noise_level") -> int:
-        check_number(name, level, 0, self.num_timesteps - 1, integer=True)
+        """A level the model was trained on: an int in [0, max_noise_level]."""
+        check_number(name, level, 0, self.max_noise_level, integer=True)
         return int(level)
 
     def sigma_of(self, level: int) -> float:

@@ -92,12 +92,15 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each with a residual."""
+    """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each with a residual. With
+    disable_self_attn the first attention attends to the context too (the x4 upscaler's disable_self_attentions,
+    diffusers' only_cross_attention)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: Optional[int], upcast: bool = False,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, disable_self_attn: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, upcast)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads, dim_head, upcast)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, upcast)
         self.norm1 = nn.LayerNorm(dim)
@@ -105,7 +108,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
-        x = self.attn1(self.norm1(x)) + x
+        x = (self.attn1(self.norm1(x), context, mask) if self.disable_self_attn else self.attn1(self.norm1(x))) + x
         x = self.attn2(self.norm2(x), context, mask if context is not None else None) + x
         return self.ff(self.norm3(x)) + x
 
@@ -114,14 +117,16 @@ class SpatialTransformer(nn.Module):
     """Feature map -> tokens -> transformer blocks -> feature map, with a residual around it all."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: Optional[int],
-                 use_linear: bool = False, upcast: bool = False, num_groups: int = 32, dropout: float = 0.0):
+                 use_linear: bool = False, upcast: bool = False, num_groups: int = 32, dropout: float = 0.0,
+                 disable_self_attn: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(num_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast, dropout) for _ in range(depth))
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast, dropout, disable_self_attn)
+            for _ in range(depth))
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)

@@ -65,11 +65,17 @@ class UNetConfig(JsonConfig):
     concat_channels: int = 0
     noise_level_embed: Optional[str] = None
     num_noise_levels: int = 1000
+    disable_self_attentions: Optional[tuple[bool, ...]] = None  # per level: cross-attention in place of self
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         # a set of rates; kept sorted so that configs that mean the same compare equal
         object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions))))
+        if self.disable_self_attentions is not None:
+            object.__setattr__(self, "disable_self_attentions", tuple(bool(v) for v in self.disable_self_attentions))
+            if len(self.disable_self_attentions) != len(self.channel_mult):
+                raise ValueError(f"disable_self_attentions has {len(self.disable_self_attentions)} entries for "
+                                 f"{len(self.channel_mult)} levels")
         if isinstance(self.transformer_depth, list):
             object.__setattr__(self, "transformer_depth", tuple(self.transformer_depth))
         if self.num_heads == -1 and self.num_head_channels == -1:
@@ -147,10 +153,12 @@ class UNetModel(nn.Module):
         def res(ch_in, ch_out, **kw):
             return ResBlock(ch_in, emb_dim, ch_out, c.dropout, c.use_scale_shift_norm, num_groups=c.num_groups, **kw)
 
-        def transformer(ch, level):
+        def transformer(ch, level, middle=False):
             heads, dim_head = c.heads_for(ch)
+            no_self = bool(c.disable_self_attentions and not middle and c.disable_self_attentions[level])
             return SpatialTransformer(ch, heads, dim_head, c.depth_at(level), c.context_dim,
-                                      c.use_linear_in_transformer, c.upcast_attention, c.num_groups, c.dropout)
+                                      c.use_linear_in_transformer, c.upcast_attention, c.num_groups, c.dropout,
+                                      no_self)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, mc, 3, padding=1)])])
         skip_channels, ch, ds = [mc], mc, 1
@@ -167,7 +175,8 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential([down]))
                 skip_channels.append(ch)
                 ds *= 2
-        middle = [res(ch, ch)] + ([transformer(ch, len(c.channel_mult) - 1)] if c.mid_attention else []) + [res(ch, ch)]
+        middle = [transformer(ch, len(c.channel_mult) - 1, middle=True)] if c.mid_attention else []
+        middle = [res(ch, ch)] + middle + [res(ch, ch)]
         self.middle_block = TimestepEmbedSequential(middle)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):

@@ -24,8 +24,11 @@ def _per_level(value, n: int, name: str) -> list:
     return values
 
 
-def config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
-    """UNetConfig from a diffusers UNet2DConditionModel config.json; unsupported settings raise ValueError."""
+def config_from_diffusers(d: Mapping[str, Any], class_labels: str = "classes", concat_channels: int = 0) -> UNetConfig:
+    """UNetConfig from a diffusers UNet2DConditionModel config.json; unsupported settings raise ValueError.
+    class_labels: what the pipeline passes as the U-Net's class_labels, "classes" (y) or "noise_level" (the
+    augmentation level of the x4 upscaler and of DeepFloyd IF's stage II); concat_channels: how many of
+    in_channels the pipeline concatenates to the sample (the upscaler's low-resolution image)."""
     for key, expected in _FIXED.items():
         if key in d and d[key] != expected and not (key == "norm_eps" and abs(d[key] - expected) < 1e-12):
             raise ValueError(f"unsupported diffusers U-Net setting {key}={d[key]!r} (supported: {expected!r})")
@@ -54,13 +57,22 @@ def config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         raise ValueError(f"per-block heads {heads} are neither constant in count nor in width")
     depth = _per_level(d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
     class_type = d.get("class_embed_type")
-    num_classes = adm = None
-    if class_type is None and d.get("num_class_embeds") is not None:
+    num_classes = adm = level_embed = None
+    num_levels = 1000
+    if class_labels == "noise_level" and class_type is None and d.get("num_class_embeds") is not None:
+        level_embed, num_levels = "table", d["num_class_embeds"]
+    elif class_labels == "noise_level" and class_type == "timestep":
+        level_embed = "timestep"
+    elif class_labels == "noise_level":
+        raise ValueError(f"a noise-level U-Net needs num_class_embeds or class_embed_type='timestep'; got "
+                         f"class_embed_type={class_type!r}")
+    elif class_type is None and d.get("num_class_embeds") is not None:
         num_classes = d["num_class_embeds"]
     elif class_type == "projection":
         adm = d["projection_class_embeddings_input_dim"]
     elif class_type is not None:
         raise ValueError(f"unsupported class_embed_type {class_type!r}")
+    only_cross = _per_level(d.get("only_cross_attention", False), n, "only_cross_attention")
     return UNetConfig(
         in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=boc[0],
         channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=layers[0],
@@ -71,14 +83,15 @@ def config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         use_scale_shift_norm=d.get("resnet_time_scale_shift", "default") == "scale_shift",
         num_classes=num_classes, adm_in_channels=adm, dropout=d.get("dropout", 0.0),
         num_groups=d.get("norm_num_groups", 32), mid_attention=mid == "UNetMidBlock2DCrossAttn",
-        sample_size=d.get("sample_size") or 64)
+        sample_size=d.get("sample_size") or 64, concat_channels=concat_channels, noise_level_embed=level_embed,
+        num_noise_levels=num_levels, disable_self_attentions=tuple(only_cross) if any(only_cross) else None)
 
 
 def config_to_diffusers(c: UNetConfig) -> dict[str, Any]:
     """A diffusers UNet2DConditionModel config.json for this configuration."""
-    if c.concat_channels or c.noise_level_embed is not None:
-        raise ValueError("a super-resolution U-Net (concat_channels, noise_level_embed) is written only in this "
-                         "project's folder format so far")
+    if c.noise_level_embed is not None and (c.num_classes is not None or c.adm_in_channels is not None):
+        raise ValueError("diffusers' U-Net has one class embedding: a class/vector input and a noise level "
+                         "cannot both be written")
     if c.resblock_updown:
         raise ValueError("diffusers' UNet2DConditionModel has no resblock up/down sampling")
     n = len(c.channel_mult)
@@ -101,6 +114,12 @@ def config_to_diffusers(c: UNetConfig) -> dict[str, Any]:
         d["num_class_embeds"] = c.num_classes
     if c.adm_in_channels is not None:
         d.update(class_embed_type="projection", projection_class_embeddings_input_dim=c.adm_in_channels)
+    if c.noise_level_embed == "table":
+        d["num_class_embeds"] = c.num_noise_levels
+    if c.noise_level_embed == "timestep":
+        d["class_embed_type"] = "timestep"
+    if c.disable_self_attentions:
+        d["only_cross_attention"] = list(c.disable_self_attentions)
     return d
 
 
@@ -114,6 +133,10 @@ def _prefix_pairs(c: UNetConfig) -> dict[str, str]:
         pairs["label_emb"] = "class_embedding"
     if c.adm_in_channels is not None:
         pairs.update({"label_emb.0.0": "class_embedding.linear_1", "label_emb.0.2": "class_embedding.linear_2"})
+    if c.noise_level_embed == "table":
+        pairs["noise_level_emb"] = "class_embedding"
+    if c.noise_level_embed == "timestep":
+        pairs.update({"noise_level_emb.0": "class_embedding.linear_1", "noise_level_emb.2": "class_embedding.linear_2"})
 
     def res(ours: str, theirs: str):
         pairs.update({f"{ours}.{a}": f"{theirs}.{b}" for a, b in _RES_INNER.items()})

@@ -1,0 +1,113 @@
+"""diffusers folders (model_index.json + one subfolder per component), loaded and written: Stable Diffusion
+1.x/2.x (StableDiffusionPipeline) and the x4 upscaler (StableDiffusionUpscalePipeline, loaded)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import checkpoints
+from .checkpoints import PathLike, _model, load_state_dict, read_json, write_json
+from .diffusion.augmentation import LowResConditioning
+from .diffusion.config import DiffusionConfig
+from .nn.autoencoder import Autoencoder
+from .nn.autoencoder_keys import (autoencoder_state_dict_from_diffusers, autoencoder_state_dict_to_diffusers,
+                                  diffusers_config_from_ours)
+from .nn.autoencoder_keys import config_from_diffusers as vae_config_from_diffusers
+from .nn.unet import UNetModel
+from .nn.unet_diffusers import config_from_diffusers, config_to_diffusers, state_dict_from_diffusers, \
+    state_dict_to_diffusers
+from .stage import PipelineParts, Stage
+
+
+def _diffusers_weights(component: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin"):
+        if (component / name).exists():
+            return load_state_dict(component / name, allow_pickle)
+    raise FileNotFoundError(f"no weights in {component} (diffusion_pytorch_model.safetensors)")
+
+
+# the diffusers pipelines whose folders hold one U-Net + KL VAE + CLIP text encoder (None: no _class_name)
+DIFFUSERS_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", None)
+UPSCALER = "StableDiffusionUpscalePipeline"
+
+
+def load_diffusers_folder(folder: PathLike, allow_pickle: bool = False) -> PipelineParts:
+    """A diffusers StableDiffusionPipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or a
+    StableDiffusionUpscalePipeline one (the same and low_res_scheduler/): a super-resolution stage whose U-Net
+    takes the low-resolution image concatenated to the latents and its noise level as class label."""
+    folder = Path(folder)
+    index = read_json(folder / "model_index.json")
+    name = index.get("_class_name")
+    if (name not in DIFFUSERS_PIPELINES and name != UPSCALER) or "text_encoder_2" in index:
+        raise ValueError(f"{folder / 'model_index.json'} describes a {name}; this package loads Stable Diffusion "
+                         f"1.x/2.x folders ({', '.join(p for p in DIFFUSERS_PIPELINES if p)}) and {UPSCALER} "
+                         "so far")
+    vae_config = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
+    vae = _model(Autoencoder, vae_config,
+                 autoencoder_state_dict_from_diffusers(_diffusers_weights(folder / "vae", allow_pickle), vae_config),
+                 f"{folder}/vae")
+    raw = read_json(folder / "unet" / "config.json")
+    if name == UPSCALER:
+        unet_config = config_from_diffusers(raw, class_labels="noise_level",
+                                            concat_channels=raw.get("in_channels", 7) - vae_config.latent_channels)
+    else:
+        unet_config = config_from_diffusers(raw)
+    unet = _model(UNetModel, unet_config,
+                  state_dict_from_diffusers(_diffusers_weights(folder / "unet", allow_pickle), unet_config),
+                  f"{folder}/unet")
+    from .text.clip import CLIPTextEncoder
+
+    text_encoder = CLIPTextEncoder.from_pretrained(folder, allow_pickle=allow_pickle)
+    diffusion = DiffusionConfig.from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json"))
+    low_res = None
+    if name == UPSCALER:
+        # diffusers' __call__ defaults for this pipeline: 75 steps, guidance 9, noise_level 20
+        diffusion = DiffusionConfig.from_dict({**diffusion.to_dict(), "num_inference_steps": 75,
+                                               "guidance_scale": 9.0})
+        low_res = low_res_from_diffusers(read_json(folder / "low_res_scheduler" / "scheduler_config.json"),
+                                         index.get("max_noise_level", 350), vae_config.downsample_factor)
+    return PipelineParts(text_encoder, [Stage(unet, diffusion, vae, low_res)])
+
+
+def low_res_from_diffusers(scheduler: dict, max_noise_level: int, scale: int) -> LowResConditioning:
+    """The upscaler's augmentation: its low_res_scheduler's betas (add_noise at noise_level), levels up to
+    max_noise_level, the image concatenated at the latents' size (scale = the autoencoder's factor)."""
+    return LowResConditioning(scale=scale, schedule=scheduler.get("beta_schedule", "linear"),
+                              num_timesteps=scheduler.get("num_train_timesteps", 1000),
+                              beta_start=scheduler.get("beta_start", 0.0001), beta_end=scheduler.get("beta_end", 0.02),
+                              noise_level=20, max_noise_level=max_noise_level)
+
+
+def _save_component(config: dict, state_dict, folder: Path, weights_name: str) -> None:
+    folder.mkdir()
+    write_json(config, folder / "config.json")
+    checkpoints.save_state_dict(state_dict, folder / weights_name, metadata={"format": "pt"})
+
+
+def save_diffusers_folder(parts: PipelineParts, folder: Path) -> None:
+    """Write a one-stage latent pipeline as a diffusers StableDiffusionPipeline folder."""
+    unet, vae, text_encoder, diffusion = parts.unet, parts.vae, parts.text_encoder, parts.diffusion
+    import diffusers
+
+    from .text.clip import CLIPTextEncoder
+
+    if not isinstance(text_encoder, CLIPTextEncoder) or vae.config.kind != "kl":
+        raise ValueError("the diffusers StableDiffusionPipeline layout needs a CLIP text encoder and a KL autoencoder")
+    scheduler = diffusion.to_diffusers()
+    write_json({"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
+                "feature_extractor": [None, None], "image_encoder": [None, None],
+                "requires_safety_checker": False}, folder / "model_index.json")
+    _save_component(config_to_diffusers(unet.config), state_dict_to_diffusers(unet.state_dict(), unet.config),
+                    folder / "unet", "diffusion_pytorch_model.safetensors")
+    _save_component({"_class_name": "AutoencoderKL", **diffusers_config_from_ours(vae.config)},
+                    autoencoder_state_dict_to_diffusers(vae.state_dict(), vae.config), folder / "vae",
+                    "diffusion_pytorch_model.safetensors")
+    text_encoder.save_pretrained(folder)  # text_encoder/ and tokenizer/ in diffusers' layout
+    (folder / "scheduler").mkdir()
+    write_json(scheduler, folder / "scheduler" / "scheduler_config.json")
+
+

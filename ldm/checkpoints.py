@@ -133,6 +133,16 @@ def load_pipeline(path: Optional[PathLike] = None, prediction_type: Optional[str
     return load_single_file(p, prediction_type, allow_pickle)
 
 
+def stage_count(path: Optional[PathLike] = None) -> int:
+    """How many stages a model holds (2 or more: a cascade, for pipelines.CascadePipeline), read from its
+    description alone; 1 for every other format."""
+    p = resolve(path)
+    if not (p / PIPELINE_FILE).is_file():
+        return 1
+    stages = read_json(p / PIPELINE_FILE).get("stages")
+    return len(stages) if isinstance(stages, list) and stages else 1
+
+
 def _model(cls, config, state_dict, what: str):
     with torch.device("meta"):
         module = cls(config)

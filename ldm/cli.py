@@ -137,17 +137,26 @@ def _read_image(path: str):
 
 def _generate(args: argparse.Namespace) -> int:
     """Text-to-image or image-to-image from the command line; prints the written paths."""
-    from pipelines import ImageToImagePipeline, TextToImagePipeline
+    from pipelines import CascadePipeline, ImageToImagePipeline, TextToImagePipeline
 
-    cls = ImageToImagePipeline if args.command == "img2img" else TextToImagePipeline
+    from .checkpoints import stage_count
+
     try:
         paths = _output_paths(args.output, args.num_images)
         image = _read_image(args.image) if args.command == "img2img" else None
-        pipe = cls.from_pretrained(args.model, allow_pickle=args.allow_pickle, dtype=DTYPES[args.dtype],
-                                   device=_device(args.device))
+        cascade = args.command == "generate" and stage_count(args.model) > 1
         kwargs = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      sampler=args.sampler, eta=args.eta, sampler_options=_sampler_options(args.sampler_option),
+                      sampler=args.sampler, sampler_options=_sampler_options(args.sampler_option),
                       num_images_per_prompt=args.num_images, seed=args.seed)
+        if cascade:  # every stage with the given steps, guidance and sampler (or each its own default)
+            pipe = CascadePipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
+            if args.eta:
+                kwargs["sampler_options"] = {**(kwargs["sampler_options"] or {}), "eta": args.eta}
+        else:
+            cls = ImageToImagePipeline if args.command == "img2img" else TextToImagePipeline
+            pipe = cls.from_pretrained(args.model, allow_pickle=args.allow_pickle, dtype=DTYPES[args.dtype],
+                                       device=_device(args.device))
+            kwargs["eta"] = args.eta
         if args.command == "img2img":
             out = pipe(args.prompt, image=image, strength=args.strength, **kwargs)
         else:

@@ -187,3 +187,17 @@ def test_a_grid_stops_at_a_level():
     assert torch.equal(stop_at(grid, 0.0), grid)
     with pytest.raises(ValueError, match="starts at 80"):
         stop_at(grid, 100.0)
+
+
+def test_the_command_line_draws_a_cascade(tmp_path, capsys):
+    from PIL import Image
+
+    from ldm.cli import main
+    cascade().save_pretrained(tmp_path / "cascade")
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "cascade"), "--steps", "2", "--eta", "0.5",
+                 "--sampler", "ddim", "-o", str(out)]) == 0
+    assert Image.open(out).size == (16, 16)
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "cascade"), "--steps", "2",
+                 "--sampler", "euler", "--eta", "0.5", "-o", str(out)]) == 2
+    assert "eta" in capsys.readouterr().err

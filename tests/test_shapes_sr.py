@@ -1,6 +1,8 @@
 """The shapes cascade's super-resolution recipe: a killed and resumed run gives the weights of an uninterrupted one,
 the training input is the 64-px render corrupted at the drawn level, and the export is a cascade folder that draws
 128-px images behind the shipped base."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,16 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_exports_a_cascade(tmp_pat
     out = pipe("a red circle", num_inference_steps=[2, 2], seed=0, output_type="np")
     assert out.images.shape == (1, 128, 128, 3) and out.stage_images[0].shape == (1, 64, 64, 3)
     assert "ldm.train.shapes_sr train" in (tmp_path / "whole" / "commands.txt").read_text()
+    card = (tmp_path / "cascade" / "MODEL_CARD.md").read_text()
+    assert "4 steps" in card and "Not measured yet" in card
+    results = {"prompts": 2, "prompt_set": 0, "per_task": 1, "hardware": "a CPU",
+               "ground_truth_fed": [{"upsampler": "Lanczos", "psnr": 20.5, "sharpness": 0.8, "accuracy": 0.5}],
+               "base": {"accuracy_64": 0.5, "seconds_per_image": 0.1, "lanczos_accuracy_128": 0.5},
+               "levels": [{"level": 100, "accuracy": 1.0, "only_here": 1, "only_lanczos": 0, "seconds_per_image": 1}]}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    shapes_sr.main(["card", "--model", str(tmp_path / "cascade"), "--results", str(tmp_path / "r.json")])
+    card = (tmp_path / "cascade" / "MODEL_CARD.md").read_text()
+    assert "| Lanczos | 20.5 | 0.8 | 0.5 |" in card and "| 100 | 1.0 | 1 / 0 | 1 |" in card
 
 
 def test_the_training_input_is_the_low_render_corrupted_at_its_level():

@@ -4,6 +4,7 @@ behind the shipped shapes-64 base as one cascade folder.
 
     python -m ldm.train.shapes_sr train --run runs/sr --minutes 50       # resumable; --no-augmentation: control
     python -m ldm.train.shapes_sr export --run runs/sr --out weights/shapes-cascade
+    python -m ldm.train.shapes_sr card --model weights/shapes-cascade --results results.json
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from ..checkpoints import write_json
+from ..checkpoints import read_json, resolve, write_json
+from ..files import write_text
 from ..data.images import to_model_range
 from ..data.shapes_dataset import ShapesDataset
 from ..diffusion import Denoiser, UniformSampler, training_losses
@@ -24,6 +26,7 @@ from ..diffusion.config import DiffusionConfig
 from ..nn.unet import UNetConfig, UNetModel
 from ..random import rand, randint
 from ..text import HFTextEncoder
+from .cascade_card import render_cascade_card
 from .ema import EMA
 from .shapes_common import TEXT_MAX_LENGTH, Run, lr_decay
 from .shapes_unet import prepare_text
@@ -148,7 +151,19 @@ def export(args: argparse.Namespace) -> None:
                 "sr_parameters": sum(p.numel() for p in sr.unet.parameters()), "base": str(args.base),
                 "commands": (Path(args.run) / "commands.txt").read_text().splitlines()},
                Path(args.out) / "training.json")
+    write_text(Path(args.out) / "MODEL_CARD.md", render_cascade_card(Path(args.out)))
     print(f"wrote {args.out} (super-resolution stage: {st['step']} steps, {st['elapsed'] / 60:.0f} min)")
+
+
+def card(args: argparse.Namespace) -> None:
+    """Merge benchmarks/shapes_cascade.py's --json figures (if given) into training.json and render the card."""
+    folder = resolve(args.model)
+    if args.results:
+        record = read_json(folder / "training.json")
+        record["measurements"] = read_json(args.results)
+        write_json(record, folder / "training.json")
+    write_text(folder / "MODEL_CARD.md", render_cascade_card(folder))
+    print(folder / "MODEL_CARD.md")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -171,9 +186,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     ex.add_argument("--run", required=True)
     ex.add_argument("--base", default="shapes-64")
     ex.add_argument("--out", required=True)
+    cd = sub.add_parser("card")
+    cd.add_argument("--model", default="shapes-cascade")
+    cd.add_argument("--results", default=None)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    (train if args.command == "train" else export)(args)
+    {"train": train, "export": export, "card": card}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,43 @@ def lr_decay(step: int, total_steps) -> float:
     return 1.0 if total_steps is None else cosine_decay(step / total_steps, floor=0.1)
 
 
+def training_parts(config: UNetConfig, diffusion: DiffusionConfig, lr: float, ema_decay: float):
+    """A fresh U-Net and what trains it: (model, denoiser, AdamW, EMA, uniform timestep sampler)."""
+    from ..diffusion import Denoiser, UniformSampler
+    from ..nn.unet import UNetModel
+    from .ema import EMA
+
+    model = UNetModel(config)
+    schedule = diffusion.build_schedule()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    return (model, Denoiser(model, schedule, diffusion.prediction_type), opt, EMA(model, ema_decay),
+            UniformSampler(schedule.num_timesteps))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float, step: int, total_steps) -> float:
+    """The recipes' schedule: linear warm-up over 500 steps, then lr_decay; set on every group and returned."""
+    lr = lr * min(1.0, (step + 1) / 500) * lr_decay(step, total_steps)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def optimize(model: torch.nn.Module, opt: torch.optim.Optimizer, ema, loss: torch.Tensor) -> None:
+    """One step: gradients of loss, clipped to norm 1, the optimizer, then the EMA of the weights."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema.update(model)
+
+
+def log_step(run: "Run", step: int, loss: torch.Tensor, lr: float, seconds: float) -> None:
+    """Every 100th step: a row of the run's log.csv and a line on stdout."""
+    if step % 100 == 0:
+        run.log({"step": step, "loss": f"{loss.item():.5f}", "lr": f"{lr:.2e}", "seconds": f"{seconds:.0f}"})
+        print(f"step {step} loss {loss.item():.4f} ({seconds:.0f} s)", flush=True)
+
+
 def plot_curve(log_csv: Path, column: str, png: Path, title: str) -> None:
     """A loss curve as a small PNG, drawn with PIL (no plotting library needed): log-scale y over steps."""
     from PIL import Image, ImageDraw

@@ -20,7 +20,7 @@ from ..checkpoints import read_json, resolve, write_json
 from ..files import write_text
 from ..data.images import to_model_range
 from ..data.shapes_dataset import ShapesDataset
-from ..diffusion import Denoiser, UniformSampler, training_losses
+from ..diffusion import training_losses
 from ..diffusion.augmentation import LowResConditioning
 from ..diffusion.config import DiffusionConfig
 from ..nn.unet import UNetConfig, UNetModel
@@ -28,7 +28,7 @@ from ..random import rand, randint
 from ..text import HFTextEncoder
 from .cascade_card import render_cascade_card
 from .ema import EMA
-from .shapes_common import TEXT_MAX_LENGTH, Run, lr_decay
+from .shapes_common import TEXT_MAX_LENGTH, Run, log_step, optimize, set_lr, training_parts
 from .shapes_unet import prepare_text
 from .state import load_training_state, rng_state, set_rng_state
 
@@ -79,12 +79,7 @@ def train(args: argparse.Namespace) -> None:
     captions = prepare_text(args, run.folder, text)
     high, low = renders(args)
     st = load_training_state(run.state_path) if run.state_path.exists() else None
-    model = UNetModel(SR_UNET)
-    schedule = SR_DIFFUSION.build_schedule()
-    denoiser = Denoiser(model, schedule, SR_DIFFUSION.prediction_type)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    ema = EMA(model, args.ema)
-    sampler = UniformSampler(schedule.num_timesteps)
+    model, denoiser, opt, ema, sampler = training_parts(SR_UNET, SR_DIFFUSION, args.lr, args.ema)
     step, elapsed = 0, 0.0
     if st is not None:
         if st["augment"] != (not args.no_augmentation):
@@ -106,22 +101,13 @@ def train(args: argparse.Namespace) -> None:
         cap = captions["caption_ids"][idx]
         cap = torch.where(rand((args.batch,)) < args.cfg_dropout, torch.full_like(cap, captions["empty_id"]), cap)
         t, weights = sampler.sample(args.batch)
-        lr = args.lr * min(1.0, (step + 1) / 500) * lr_decay(step, args.total_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = set_lr(opt, args.lr, step, args.total_steps)
         losses = training_losses(denoiser, target, t, context=captions["embeddings"][cap].float(),
                                  context_mask=captions["masks"][cap], concat=cond, noise_level=levels)
         loss = (losses["loss"] * weights).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model)
+        optimize(model, opt, ema, loss)
         step += 1
-        if step % 100 == 0:
-            now = elapsed + time.time() - start
-            run.log({"step": step, "loss": f"{loss.item():.5f}", "lr": f"{lr:.2e}", "seconds": f"{now:.0f}"})
-            print(f"step {step} loss {loss.item():.4f} ({now:.0f} s)", flush=True)
+        log_step(run, step, loss, lr, elapsed + time.time() - start)
         if run.due() or run.out_of_time() or step == args.max_steps:
             run.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step,
                       "elapsed": elapsed + time.time() - start, "rng": rng_state(),

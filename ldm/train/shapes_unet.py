@@ -13,7 +13,7 @@ import torch
 from ..checkpoints import load_component
 from ..data.folder import encode_caption_table, encode_latents
 from ..data.shapes_dataset import ShapesDataset, example
-from ..diffusion import Denoiser, UniformSampler, training_losses
+from ..diffusion import training_losses
 from ..nn.autoencoder import Autoencoder
 from ..nn.unet import UNetConfig, UNetModel, load_shallower
 from ..random import rand, randint
@@ -21,7 +21,8 @@ from ..text import HFTextEncoder
 from .ema import EMA
 from .shapes_autoencoder import load_autoencoder
 from .shapes_card import model_history
-from .shapes_common import DIFFUSION, TEXT_MAX_LENGTH, UNET_CONFIG, Run, lr_decay, training_source
+from .shapes_common import (DIFFUSION, TEXT_MAX_LENGTH, UNET_CONFIG, Run, log_step, optimize, set_lr, training_parts,
+                            training_source)
 from .state import load_training_state, rng_state, save_training_state, set_rng_state
 
 
@@ -111,12 +112,7 @@ def train_unet(args: argparse.Namespace) -> None:
             raise SystemExit(f"--transformer-depth {args.transformer_depth}: {args.run} was trained with "
                              f"transformer_depth {saved.transformer_depth}; a run keeps its architecture")
         config = saved
-    model = UNetModel(config)
-    schedule = DIFFUSION.build_schedule()
-    denoiser = Denoiser(model, schedule, DIFFUSION.prediction_type)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    ema = EMA(model, args.ema)
-    sampler = UniformSampler(schedule.num_timesteps)
+    model, denoiser, opt, ema, sampler = training_parts(config, DIFFUSION, args.lr, args.ema)
     step, elapsed, prior = 0, 0.0, None
     if st is not None:
         model.load_state_dict(st["model"])
@@ -163,21 +159,12 @@ def train_unet(args: argparse.Namespace) -> None:
         cap = torch.where(drop, torch.full_like(cap, data["empty_id"]), cap)
         context, mask = data["embeddings"][cap].float(), data["masks"][cap]
         t, weights = sampler.sample(args.batch)
-        lr = args.lr * min(1.0, (step + 1) / 500) * lr_decay(step, args.total_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = set_lr(opt, args.lr, step, args.total_steps)
         losses = training_losses(denoiser, z0, t, context=context, context_mask=mask)
         loss = (losses["loss"] * weights).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model)
+        optimize(model, opt, ema, loss)
         step += 1
-        if step % 100 == 0:
-            now = elapsed + time.time() - start
-            run.log({"step": step, "loss": f"{loss.item():.5f}", "lr": f"{lr:.2e}", "seconds": f"{now:.0f}"})
-            print(f"step {step} loss {loss.item():.4f} ({now:.0f} s)", flush=True)
+        log_step(run, step, loss, lr, elapsed + time.time() - start)
         if run.due() or run.out_of_time():
             run.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step,
                       "unet_config": config.to_dict(),

@@ -49,27 +49,32 @@ def _demo(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from pipelines import TextToImagePipeline
+    from pipelines import CascadePipeline, TextToImagePipeline
+
+    from .checkpoints import stage_count
 
     try:
         out = _output_paths(args.output, 1)[0]
-        pipe = TextToImagePipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
+        cls = CascadePipeline if stage_count(args.model) > 1 else TextToImagePipeline
+        pipe = cls.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
         pipe.progress = False
-        steps = pipe.diffusion.default_steps if args.steps is None else args.steps
         start = time.perf_counter()
-        images = pipe(DEMO_PROMPTS, num_inference_steps=steps, seed=0, num_images_per_prompt=2,
+        images = pipe(DEMO_PROMPTS, num_inference_steps=args.steps, seed=0, num_images_per_prompt=2,
                       output_type="np").images
         elapsed = time.perf_counter() - start
         n = len(DEMO_PROMPTS)
         rows = [np.concatenate([images[2 * j + r] for j in range(n)], axis=1) for r in range(2)]
         grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-        _save_images([Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)], [out])
+        zoom = max(1, 128 // images.shape[1])  # 64-px images shown at 2x
+        _save_images([Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST)],
+                     [out])
     except (UsageError, ValueError, OSError, FloatingPointError) as err:
         print(f"ldm demo: error: {err}", file=sys.stderr)
         return 2
     for k, prompt in enumerate(DEMO_PROMPTS):
         print(f"column {k + 1}: {prompt}")
-    print(f"{2 * n} images, {steps} steps, {elapsed:.2f} s")
+    steps = "the model's own steps" if args.steps is None else f"{args.steps} steps"
+    print(f"{2 * n} images of {images.shape[1]}x{images.shape[2]}, {steps}, {elapsed:.2f} s")
     print(out.resolve())
     return 0
 

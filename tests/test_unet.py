@@ -17,6 +17,8 @@ TINY_SD2 = dict(TINY_SD1, block_out_channels=(32, 64, 64), layers_per_block=1,
                 transformer_layers_per_block=2)
 TINY_VARIANTS = dict(TINY_SD1, resnet_time_scale_shift="scale_shift", class_embed_type="projection",
                      projection_class_embeddings_input_dim=12, out_channels=8)
+TINY_PER_LEVEL = dict(TINY_SD2, layers_per_block=(1, 3, 2))  # resnets per level (Efficient U-Net's option)
+CONFIGS, IDS = [TINY_SD1, TINY_SD2, TINY_VARIANTS, TINY_PER_LEVEL], ["sd1", "sd2", "scale_shift_adm", "per_level"]
 
 
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -36,7 +38,7 @@ def pair(config: dict):
     return theirs, ours, c
 
 
-@pytest.mark.parametrize("config", [TINY_SD1, TINY_SD2, TINY_VARIANTS], ids=["sd1", "sd2", "scale_shift_adm"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("size", [(16, 16), (24, 40)])
 def test_matches_diffusers(config, size):
     theirs, ours, c = pair(config)
@@ -54,7 +56,7 @@ def test_matches_diffusers(config, size):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)  # measured max 3.2e-6
 
 
-@pytest.mark.parametrize("config", [TINY_SD1, TINY_SD2, TINY_VARIANTS], ids=["sd1", "sd2", "scale_shift_adm"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_key_map_and_config_round_trip(config):
     theirs, ours, c = pair(config)
     back = state_dict_to_diffusers(ours.state_dict(), c)

@@ -39,13 +39,18 @@ class UNetConfig(JsonConfig):
     or "table" (one learned vector per integer level, as the x4 upscaler's num_class_embeds).
     sample_size: native latent size (SD1: 64 -> 512 px).
     mask_context: whether pipelines pass the text padding mask (Stable Diffusion attends to padding tokens).
+
+    Imagen's Efficient U-Net (Saharia et al. 2022, appendix B.1) as three options: num_res_blocks per level (more
+    blocks at the low resolutions), skip_scale (encoder-to-decoder skips multiplied by it; Imagen: 1/sqrt(2)) and
+    resample_first (every level downsamples before its blocks, the first one too, and upsamples after them, so no
+    block runs at full resolution; the input convolution's output is then not a skip).
     """
 
     in_channels: int = 4
     out_channels: int = 4
     model_channels: int = 320
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
+    num_res_blocks: int | tuple[int, ...] = 2
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
     num_heads: int = 8
     num_head_channels: int = -1
@@ -66,6 +71,8 @@ class UNetConfig(JsonConfig):
     noise_level_embed: Optional[str] = None
     num_noise_levels: int = 1000
     disable_self_attentions: Optional[tuple[bool, ...]] = None  # per level: cross-attention in place of self
+    skip_scale: float = 1.0
+    resample_first: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -76,8 +83,16 @@ class UNetConfig(JsonConfig):
             if len(self.disable_self_attentions) != len(self.channel_mult):
                 raise ValueError(f"disable_self_attentions has {len(self.disable_self_attentions)} entries for "
                                  f"{len(self.channel_mult)} levels")
-        if isinstance(self.transformer_depth, list):
-            object.__setattr__(self, "transformer_depth", tuple(self.transformer_depth))
+        for name in ("transformer_depth", "num_res_blocks"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        blocks = self.num_res_blocks
+        if isinstance(blocks, tuple) and len(blocks) != len(self.channel_mult):
+            raise ValueError(f"num_res_blocks has {len(blocks)} entries for {len(self.channel_mult)} levels")
+        if not all(isinstance(b, int) and b >= 1 for b in (blocks if isinstance(blocks, tuple) else (blocks,))):
+            raise ValueError(f"num_res_blocks must be an int >= 1 or one such int per level; got {blocks!r}")
+        if not self.skip_scale > 0:
+            raise ValueError(f"skip_scale must be > 0; got {self.skip_scale!r}")
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ValueError("set num_heads or num_head_channels (the other one to -1)")
         depth = self.transformer_depth
@@ -94,6 +109,33 @@ class UNetConfig(JsonConfig):
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def num_downsamples(self) -> int:
+        return len(self.channel_mult) - (0 if self.resample_first else 1)
+
+    def blocks_at(self, level: int) -> int:
+        return self.num_res_blocks[level] if isinstance(self.num_res_blocks, tuple) else self.num_res_blocks
+
+    def input_layout(self) -> list[tuple]:
+        """The encoder's blocks in order: ("conv_in",), ("res", level, j), ("down", level); each one's output is a
+        skip except conv_in's under resample_first."""
+        layout, last = [("conv_in",)], len(self.channel_mult) - 1
+        for level in range(len(self.channel_mult)):
+            if self.resample_first:
+                layout.append(("down", level))
+            layout += [("res", level, j) for j in range(self.blocks_at(level))]
+            if not self.resample_first and level != last:
+                layout.append(("down", level))
+        return layout
+
+    def output_layout(self) -> list[tuple[int, int, bool]]:
+        """The decoder's blocks in order: (level, j, upsamples at its end), blocks_at(level) + 1 per level."""
+        layout = []
+        for level in reversed(range(len(self.channel_mult))):
+            n = self.blocks_at(level) + 1
+            layout += [(level, j, j == n - 1 and (level > 0 or self.resample_first)) for j in range(n)]
+        return layout
 
     def depth_at(self, level: int) -> int:
         return self.transformer_depth[level] if isinstance(self.transformer_depth, tuple) else self.transformer_depth
@@ -160,35 +202,38 @@ class UNetModel(nn.Module):
                                       c.use_linear_in_transformer, c.upcast_attention, c.num_groups, c.dropout,
                                       no_self)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, mc, 3, padding=1)])])
-        skip_channels, ch, ds = [mc], mc, 1
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                layers = [res(ch, mult * mc)]
-                ch = mult * mc
+        self.input_blocks = nn.ModuleList()
+        self._downsamples = {i for i, b in enumerate(c.input_layout()) if b[0] == "down"}
+        self._upsamples = [up for _, _, up in c.output_layout()]
+        skip_channels, ch, ds = [], mc, 1
+        for block in c.input_layout():
+            kind, level = block[0], block[1] if len(block) > 1 else 0
+            if kind == "conv_in":
+                layers = [nn.Conv2d(c.in_channels, mc, 3, padding=1)]
+            elif kind == "down":
+                layers = [res(ch, ch, down=True) if c.resblock_updown else Downsample(ch)]
+                ds *= 2
+            else:
+                layers = [res(ch, c.channel_mult[level] * mc)]
+                ch = c.channel_mult[level] * mc
                 if ds in c.attention_resolutions:
                     layers.append(transformer(ch, level))
-                self.input_blocks.append(TimestepEmbedSequential(layers))
+            self.input_blocks.append(TimestepEmbedSequential(layers))
+            if not (kind == "conv_in" and c.resample_first):
                 skip_channels.append(ch)
-            if level != len(c.channel_mult) - 1:
-                down = res(ch, ch, down=True) if c.resblock_updown else Downsample(ch)
-                self.input_blocks.append(TimestepEmbedSequential([down]))
-                skip_channels.append(ch)
-                ds *= 2
         middle = [transformer(ch, len(c.channel_mult) - 1, middle=True)] if c.mid_attention else []
         middle = [res(ch, ch)] + middle + [res(ch, ch)]
         self.middle_block = TimestepEmbedSequential(middle)
         self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(c.channel_mult))):
-            for i in range(c.num_res_blocks + 1):
-                layers = [res(ch + skip_channels.pop(), mc * mult)]
-                ch = mc * mult
-                if ds in c.attention_resolutions:
-                    layers.append(transformer(ch, level))
-                if level and i == c.num_res_blocks:
-                    layers.append(res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(layers))
+        for level, _, upsamples in c.output_layout():
+            layers = [res(ch + skip_channels.pop(), mc * c.channel_mult[level])]
+            ch = mc * c.channel_mult[level]
+            if ds in c.attention_resolutions:
+                layers.append(transformer(ch, level))
+            if upsamples:
+                layers.append(res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
+                ds //= 2
+            self.output_blocks.append(TimestepEmbedSequential(layers))
         self.out = nn.Sequential(nn.GroupNorm(c.num_groups, ch), nn.SiLU(), nn.Conv2d(mc, c.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
@@ -246,15 +291,17 @@ class UNetModel(nn.Module):
                          self.noise_level_emb(timestep_embedding(level, c.model_channels).to(self.dtype)))
         h = x.to(self.dtype)
         context = None if context is None else context.to(self.dtype)
-        skips = []
-        for block in self.input_blocks:
+        skips, sizes = [], []  # sizes: where each upsampling lands (the skip it meets, or the input's size)
+        for i, block in enumerate(self.input_blocks):
+            if i in self._downsamples:
+                sizes.append(tuple(h.shape[-2:]))
             h = self._run(block, h, emb, context, context_mask)
-            skips.append(h)
+            if i or not c.resample_first:
+                skips.append(h if c.skip_scale == 1 else h * c.skip_scale)
         h = self._run(self.middle_block, h, emb, context, context_mask)
-        for block in self.output_blocks:
+        for block, upsamples in zip(self.output_blocks, self._upsamples):
             h = torch.cat([h, skips.pop()], dim=1)
-            size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = self._run(block, h, emb, context, context_mask, size)
+            h = self._run(block, h, emb, context, context_mask, sizes.pop() if upsamples else None)
         return self.out(h)
 
 

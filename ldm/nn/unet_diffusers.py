@@ -46,8 +46,6 @@ def config_from_diffusers(d: Mapping[str, Any], class_labels: str = "classes", c
     if mid not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
         raise ValueError(f"unsupported mid_block_type {mid!r}")
     layers = _per_level(d.get("layers_per_block", 2), n, "layers_per_block")
-    if len(set(layers)) != 1:
-        raise ValueError(f"layers_per_block must be the same for every block; got {layers}")
     heads = _per_level(d.get("num_attention_heads") or d.get("attention_head_dim", 8), n, "attention_head_dim")
     if len(set(heads)) == 1:
         num_heads, head_channels = heads[0], -1
@@ -75,7 +73,8 @@ def config_from_diffusers(d: Mapping[str, Any], class_labels: str = "classes", c
     only_cross = _per_level(d.get("only_cross_attention", False), n, "only_cross_attention")
     return UNetConfig(
         in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=boc[0],
-        channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=layers[0],
+        channel_mult=tuple(c // boc[0] for c in boc),
+        num_res_blocks=layers[0] if len(set(layers)) == 1 else tuple(layers),
         attention_resolutions=tuple(2**i for i, a in enumerate(attn_levels) if a), num_heads=num_heads,
         num_head_channels=head_channels, transformer_depth=depth[0] if len(set(depth)) == 1 else tuple(depth),
         context_dim=d.get("cross_attention_dim", 1280), use_linear_in_transformer=d.get("use_linear_projection", False),
@@ -87,19 +86,27 @@ def config_from_diffusers(d: Mapping[str, Any], class_labels: str = "classes", c
         num_noise_levels=num_levels, disable_self_attentions=tuple(only_cross) if any(only_cross) else None)
 
 
+def _check_writable(c: UNetConfig) -> None:
+    if c.resblock_updown:
+        raise ValueError("diffusers' UNet2DConditionModel has no resblock up/down sampling")
+    if c.resample_first or c.skip_scale != 1:
+        raise ValueError("diffusers' UNet2DConditionModel has no Efficient U-Net layout (resample_first, "
+                         "skip_scale)")
+
+
 def config_to_diffusers(c: UNetConfig) -> dict[str, Any]:
     """A diffusers UNet2DConditionModel config.json for this configuration."""
+    _check_writable(c)
     if c.noise_level_embed is not None and (c.num_classes is not None or c.adm_in_channels is not None):
         raise ValueError("diffusers' U-Net has one class embedding: a class/vector input and a noise level "
                          "cannot both be written")
-    if c.resblock_updown:
-        raise ValueError("diffusers' UNet2DConditionModel has no resblock up/down sampling")
     n = len(c.channel_mult)
     boc = [c.model_channels * m for m in c.channel_mult]
     attn = [2**i in c.attention_resolutions for i in range(n)]
     heads = [c.heads_for(ch)[0] for ch in boc]
     d = {"_class_name": "UNet2DConditionModel", "sample_size": c.sample_size, "in_channels": c.in_channels,
-         "out_channels": c.out_channels, "block_out_channels": boc, "layers_per_block": c.num_res_blocks,
+         "out_channels": c.out_channels, "block_out_channels": boc, "layers_per_block": list(c.num_res_blocks)
+         if isinstance(c.num_res_blocks, tuple) else c.num_res_blocks,
          "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
          "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
          "mid_block_type": "UNetMidBlock2DCrossAttn" if c.mid_attention else "UNetMidBlock2D",
@@ -125,8 +132,7 @@ def config_to_diffusers(c: UNetConfig) -> dict[str, Any]:
 
 def _prefix_pairs(c: UNetConfig) -> dict[str, str]:
     """ours -> diffusers module prefixes, down to the leaf modules of every ResBlock."""
-    if c.resblock_updown:
-        raise ValueError("diffusers' UNet2DConditionModel has no resblock up/down sampling")
+    _check_writable(c)
     pairs = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
              "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
     if c.num_classes is not None:
@@ -141,29 +147,26 @@ def _prefix_pairs(c: UNetConfig) -> dict[str, str]:
     def res(ours: str, theirs: str):
         pairs.update({f"{ours}.{a}": f"{theirs}.{b}" for a, b in _RES_INNER.items()})
 
-    n, L = len(c.channel_mult), c.num_res_blocks
-    for i in range(n):
-        attn = 2**i in c.attention_resolutions
-        for j in range(L):
-            k = 1 + i * (L + 1) + j
+    for k, block in enumerate(c.input_layout()):
+        if block[0] == "res":
+            _, i, j = block
             res(f"input_blocks.{k}.0", f"down_blocks.{i}.resnets.{j}")
-            if attn:
+            if 2**i in c.attention_resolutions:
                 pairs[f"input_blocks.{k}.1"] = f"down_blocks.{i}.attentions.{j}"
-        if i < n - 1:
-            pairs[f"input_blocks.{(i + 1) * (L + 1)}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
+        elif block[0] == "down":
+            pairs[f"input_blocks.{k}.0.op"] = f"down_blocks.{block[1]}.downsamplers.0.conv"
     res("middle_block.0", "mid_block.resnets.0")
     if c.mid_attention:
         pairs["middle_block.1"] = "mid_block.attentions.0"
     res(f"middle_block.{2 if c.mid_attention else 1}", "mid_block.resnets.1")
-    for u in range(n):
-        attn = 2 ** (n - 1 - u) in c.attention_resolutions
-        for j in range(L + 1):
-            k = u * (L + 1) + j
-            res(f"output_blocks.{k}.0", f"up_blocks.{u}.resnets.{j}")
-            if attn:
-                pairs[f"output_blocks.{k}.1"] = f"up_blocks.{u}.attentions.{j}"
-            if j == L and u < n - 1:
-                pairs[f"output_blocks.{k}.{2 if attn else 1}.conv"] = f"up_blocks.{u}.upsamplers.0.conv"
+    n = len(c.channel_mult)
+    for k, (level, j, upsamples) in enumerate(c.output_layout()):
+        attn = 2**level in c.attention_resolutions
+        res(f"output_blocks.{k}.0", f"up_blocks.{n - 1 - level}.resnets.{j}")
+        if attn:
+            pairs[f"output_blocks.{k}.1"] = f"up_blocks.{n - 1 - level}.attentions.{j}"
+        if upsamples:
+            pairs[f"output_blocks.{k}.{2 if attn else 1}.conv"] = f"up_blocks.{n - 1 - level}.upsamplers.0.conv"
     return pairs
 
 

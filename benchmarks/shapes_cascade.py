@@ -2,22 +2,26 @@
 base model's own samples; noise-conditioning augmentation levels; thresholding in the pixel stage; seconds per
 stage. Prints markdown tables.
 
-    python benchmarks/shapes_cascade.py --model weights/shapes-cascade [--per-task 36] [--levels 0 50 100 200]
+    python benchmarks/shapes_cascade.py --model weights/shapes-cascade --control runs/noaug-cascade --json r.json
 
 - Fed ground truth: each benchmark prompt's scene rendered at 64 px, upsampled to 128 by the stage (at its default
   level) or by Lanczos, against the same scene rendered at 128: PSNR, edge sharpness (mean gradient magnitude as a
   fraction of the ground truth's) and benchmark accuracy read at 128 (the evaluator on the 128-px ground truth is
   the ceiling).
-- Fed the base: the published prompt set drawn by the base at its defaults, once; then upsampled by Lanczos and by
-  the stage at each --levels (non-truncated augmentation), scored at 128 px, paired against Lanczos.
-- Thresholding: the stage at guidance 5, 10, 20 with none / static / dynamic thresholding of x0: accuracy and
-  saturation (share of channel values at 0 or 255; the ground truth's own share, from black and white grounds and
-  pure colors, is the reference).
+- Fed the base: the published prompt set drawn by the base at its defaults, once; then upsampled by Lanczos, by
+  the stage at its default level and by the --control stage (the same recipe trained without augmentation) at its
+  own, scored at 128 px, paired prompt by prompt.
+- Levels: the stage at each --levels (non-truncated augmentation) on the first --sweep-per-task prompts of each
+  task and split (an image depends only on its prompt's seed, so a subset's images are the full set's).
+- Thresholding: the stage at guidance 5, 10, 20 with none / static / dynamic thresholding of x0, on the first
+  --threshold-per-task prompts: accuracy and saturation (share of channel values at 0 or 255; the ground truth's
+  own share, from black and white grounds and pure colors, is the reference).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import numpy as np
@@ -71,34 +75,72 @@ def accuracy(images: np.ndarray, prompts) -> float:
     return float(np.mean([evaluate(im, p.expectation) for im, p in zip(images, prompts)]))
 
 
+def right(images: np.ndarray, prompts) -> list[bool]:
+    return [bool(evaluate(im, p.expectation)) for im, p in zip(images, prompts)]
+
+
+def paired(a: list[bool], b: list[bool]) -> tuple[int, int]:
+    """(right only in a, right only in b)."""
+    return sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
+
+
+def first(prompts, per_task: int) -> list[int]:
+    """Indices of the first per_task prompts of each task and split (the prompt set is a prefix-stable stream)."""
+    return [i for i, p in enumerate(prompts) if p.seed % 1000 < per_task]
+
+
+def base_samples(pipe: CascadePipeline, prompts) -> tuple[torch.Tensor, float]:
+    """The base model's 64-px images ([-1, 1]) of the prompts at its defaults, and its seconds per image."""
+    start, out = time.perf_counter(), []
+    for i in range(0, len(prompts), 32):
+        chunk = prompts[i:i + 32]
+        texts = [p.text for p in chunk]
+        run = pipe.base.check_common(texts, None, None, None, None, 0.0, None, 1, "np")
+        generators, _ = pipe.base.generators(len(chunk), [p.seed for p in chunk], None)
+        out.append(pipe.base.stage.decode(pipe.base.generate(texts, run, 1, 64, 64, None, generators, None)))
+    return torch.cat(out), (time.perf_counter() - start) / len(prompts)
+
+
+def load(folder: str) -> CascadePipeline:
+    pipe = CascadePipeline.from_pretrained(folder)
+    pipe.progress = False
+    return pipe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="shapes-cascade")
+    parser.add_argument("--control", default=None, help="a cascade whose stage was trained without augmentation")
     parser.add_argument("--per-task", type=int, default=36)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--levels", type=int, nargs="+", default=[0, 50, 100, 200, 350])
-    parser.add_argument("--guidance", type=float, nargs="*", default=[5.0, 10.0, 20.0])
+    parser.add_argument("--levels", type=int, nargs="*", default=[0, 250], help="augmentation levels to sweep")
+    parser.add_argument("--sweep-per-task", type=int, default=12)
+    parser.add_argument("--guidance", type=float, nargs="*", default=[5.0, 10.0, 20.0],
+                        help="guidance scales for the thresholding table (none: skip it)")
+    parser.add_argument("--threshold-per-task", type=int, default=4)
     parser.add_argument("--json", default=None, help="write the figures here (for the model card)")
     args = parser.parse_args()
-    results = {"prompts": None, "prompt_set": args.seed, "per_task": args.per_task, "hardware": hardware()}
-    pipe = CascadePipeline.from_pretrained(args.model)
-    pipe.progress = False
+    command = "python benchmarks/shapes_cascade.py " + " ".join(sys.argv[1:])
+    pipe = load(args.model)
+    stages = [("with augmentation", pipe)] + ([("without augmentation (control)", load(args.control))]
+                                              if args.control else [])
     prompts = [p for split in SPLITS for p in benchmark_prompts(split, per_task=args.per_task, seed=args.seed)]
-    results["prompts"] = len(prompts)
-    sr = pipe.stages[0].low_res
-    print(f"{len(prompts)} prompts (set {args.seed}, {args.per_task} per task and split); stage default level "
-          f"{sr.noise_level}\n")
+    level = pipe.stages[0].low_res.noise_level
+    results = {"prompts": len(prompts), "prompt_set": args.seed, "per_task": args.per_task, "hardware": hardware(),
+               "command": command}
+    print(f"{len(prompts)} prompts (set {args.seed}, {args.per_task} per task and split); {hardware()}\n")
 
     # fed ground truth
     gt64 = np.stack([ground_truth(p, 64) for p in prompts])
     gt128 = np.stack([ground_truth(p, 128) for p in prompts])
-    ours, _ = upscale(pipe, prompts, to_model_range(gt64), sr.noise_level)
-    lz = lanczos(gt64, 128)
+    rows = [(f"super-resolution stage, {name}, level {c.stages[0].low_res.noise_level}",
+             upscale(c, prompts, to_model_range(gt64), c.stages[0].low_res.noise_level)[0]) for name, c in stages]
+    rows += [("Lanczos", lanczos(gt64, 128)), ("128-px ground truth", gt128)]
     print("Fed the 64-px ground truth, against the 128-px render:\n")
     print("| upsampler | PSNR dB | edge sharpness | accuracy at 128 px |\n|---|---|---|---|")
     ref = sharpness(gt128)
     results["ground_truth_fed"] = []
-    for name, images in (("super-resolution stage", ours), ("Lanczos", lz), ("128-px ground truth", gt128)):
+    for name, images in rows:
         row = {"upsampler": name, "psnr": None if images is gt128 else round(psnr(images, gt128), 2),
                "sharpness": round(sharpness(images) / ref, 3), "accuracy": round(accuracy(images, prompts), 3)}
         results["ground_truth_fed"].append(row)
@@ -106,50 +148,66 @@ def main() -> None:
               f"{row['accuracy']:.3f} |")
 
     # fed the base model's own samples
-    start = time.perf_counter()
-    base_x = []
-    for i in range(0, len(prompts), 32):
-        chunk = prompts[i:i + 32]
-        texts = [p.text for p in chunk]
-        run = pipe.base.check_common(texts, None, None, None, None, 0.0, None, 1, "np")
-        generators, _ = pipe.base.generators(len(chunk), [p.seed for p in chunk], None)
-        x = pipe.base.generate(texts, run, 1, 64, 64, None, generators, None)
-        base_x.append(pipe.base.stage.decode(x))
-    base_seconds = (time.perf_counter() - start) / len(prompts)
-    low = torch.cat(base_x)
+    low, base_seconds = base_samples(pipe, prompts)
     base64 = to_uint8((low.permute(0, 2, 3, 1).numpy() + 1) / 2)
-    lz = lanczos(base64, 128)
-    lz_ok = [evaluate(im, p.expectation) for im, p in zip(lz, prompts)]
-    print(f"\nFed the base model's samples (base at 64 px: accuracy {accuracy(base64, prompts):.3f}, "
+    lz_ok = right(lanczos(base64, 128), prompts)
+    results["base"] = {"accuracy_64": round(accuracy(base64, prompts), 3), "seconds_per_image": round(base_seconds, 4),
+                       "lanczos_accuracy_128": round(float(np.mean(lz_ok)), 3)}
+    print(f"\nFed the base model's samples (base at 64 px: accuracy {results['base']['accuracy_64']:.3f}, "
           f"{base_seconds:.3f} s / image):\n")
     print("| upsampler | level | accuracy at 128 px | right only here / only with Lanczos | s / image (stage) |")
     print("|---|---|---|---|---|")
     print(f"| Lanczos | — | {np.mean(lz_ok):.3f} | — | — |")
-    results["base"] = {"accuracy_64": round(accuracy(base64, prompts), 3), "seconds_per_image": round(base_seconds, 4),
-                       "lanczos_accuracy_128": round(float(np.mean(lz_ok)), 3)}
-    results["levels"] = []
-    for level in args.levels:
-        images, seconds = upscale(pipe, prompts, low, level)
-        ok = [evaluate(im, p.expectation) for im, p in zip(images, prompts)]
-        here = sum(a and not b for a, b in zip(ok, lz_ok))
-        there = sum(b and not a for a, b in zip(ok, lz_ok))
-        print(f"| super-resolution stage | {level} | {np.mean(ok):.3f} | {here} / {there} | {seconds:.3f} |")
-        results["levels"].append({"level": level, "accuracy": round(float(np.mean(ok)), 3), "only_here": here,
-                                  "only_lanczos": there, "seconds_per_image": round(seconds, 4)})
+    results["fed_base"] = []
+    for name, c in stages:
+        lv = c.stages[0].low_res.noise_level
+        images, seconds = upscale(c, prompts, low, lv)
+        ok = right(images, prompts)
+        here, there = paired(ok, lz_ok)
+        print(f"| super-resolution stage, {name} | {lv} | {np.mean(ok):.3f} | {here} / {there} | {seconds:.3f} |")
+        results["fed_base"].append({"stage": name, "level": lv, "accuracy": round(float(np.mean(ok)), 3),
+                                    "only_here": here, "only_lanczos": there, "seconds_per_image": round(seconds, 4),
+                                    "right": "".join("1" if a else "0" for a in ok)})
+    if args.control:
+        a, b = (r["right"] for r in results["fed_base"])
+        with_, without = paired([x == "1" for x in a], [x == "1" for x in b])
+        results["augmentation_paired"] = {"only_with": with_, "only_without": without}
+        print(f"\nwith vs without augmentation, prompt by prompt: right only with {with_}, only without {without}")
 
-    results["thresholding"] = []
-    print("\nThresholding in the pixel stage (fed the base's samples, default level):\n")
-    print("| guidance | thresholding | accuracy at 128 px | saturated values |\n|---|---|---|---|")
-    gt_saturated = np.mean((gt128 == 0) | (gt128 == 255))
-    print(f"| — | 128-px ground truth | {accuracy(gt128, prompts):.3f} | {gt_saturated:.3f} |")
+    # augmentation levels, on a subset
+    keep = first(prompts, args.sweep_per_task)
+    sub, sub_low = [prompts[i] for i in keep], low[keep]
+    default_ok = [results["fed_base"][0]["right"][i] == "1" for i in keep]
+    sub_lz = [lz_ok[i] for i in keep]
+    results["levels"] = {"prompts": len(sub), "lanczos_accuracy": round(float(np.mean(sub_lz)), 3), "rows": []}
+    if args.levels:
+        print(f"\nAugmentation level at sampling (non-truncated; {len(sub)} prompts, Lanczos {np.mean(sub_lz):.3f}):\n")
+        print("| level | accuracy at 128 px | right only here / only with Lanczos |\n|---|---|---|")
+    for lv in sorted(set(args.levels) | {level}):
+        ok = default_ok if lv == level else right(upscale(pipe, sub, sub_low, lv)[0], sub)
+        here, there = paired(ok, sub_lz)
+        results["levels"]["rows"].append({"level": lv, "accuracy": round(float(np.mean(ok)), 3), "only_here": here,
+                                          "only_lanczos": there})
+        if args.levels:
+            print(f"| {lv} | {np.mean(ok):.3f} | {here} / {there} |")
+
+    # thresholding, on a smaller subset
+    keep = first(prompts, args.threshold_per_task)
+    sub, sub_low, sub_gt = [prompts[i] for i in keep], low[keep], gt128[keep]
+    results["thresholding"] = {"prompts": len(sub), "rows": [],
+                               "ground_truth_saturated": round(float(np.mean((sub_gt == 0) | (sub_gt == 255))), 3)}
+    if args.guidance:
+        print(f"\nThresholding in the pixel stage (fed the base's samples, level {level}; {len(sub)} prompts; the "
+              f"ground truth's saturated share {results['thresholding']['ground_truth_saturated']}):\n")
+        print("| guidance | thresholding | accuracy at 128 px | saturated values |\n|---|---|---|---|")
     for guidance in args.guidance:
         for kind in (None, "static", "dynamic"):
-            images, _ = upscale(pipe, prompts, low, sr.noise_level, guidance=guidance, thresholding=kind)
+            images, _ = upscale(pipe, sub, sub_low, level, guidance=guidance, thresholding=kind)
             saturated = float(np.mean((images == 0) | (images == 255)))
-            acc = accuracy(images, prompts)
+            acc = accuracy(images, sub)
             print(f"| {guidance:g} | {kind or 'none'} | {acc:.3f} | {saturated:.3f} |")
-            results["thresholding"].append({"guidance": guidance, "thresholding": kind, "accuracy": round(acc, 3),
-                                            "saturated": round(saturated, 3)})
+            results["thresholding"]["rows"].append({"guidance": guidance, "thresholding": kind,
+                                                    "accuracy": round(acc, 3), "saturated": round(saturated, 3)})
     if args.json:
         write_json(results, args.json)
 

@@ -32,15 +32,32 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_exports_a_cascade(tmp_pat
     assert "ldm.train.shapes_sr train" in (tmp_path / "whole" / "commands.txt").read_text()
     card = (tmp_path / "cascade" / "MODEL_CARD.md").read_text()
     assert "4 steps" in card and "Not measured yet" in card
-    results = {"prompts": 2, "prompt_set": 0, "per_task": 1, "hardware": "a CPU",
+    results = {"prompts": 2, "prompt_set": 0, "per_task": 1, "hardware": "a CPU", "command": "python bench",
                "ground_truth_fed": [{"upsampler": "Lanczos", "psnr": 20.5, "sharpness": 0.8, "accuracy": 0.5}],
                "base": {"accuracy_64": 0.5, "seconds_per_image": 0.1, "lanczos_accuracy_128": 0.5},
-               "levels": [{"level": 100, "accuracy": 1.0, "only_here": 1, "only_lanczos": 0, "seconds_per_image": 1}]}
+               "fed_base": [{"stage": "with augmentation", "level": 100, "accuracy": 1.0, "only_here": 1,
+                             "only_lanczos": 0, "seconds_per_image": 1}],
+               "augmentation_paired": {"only_with": 3, "only_without": 2},
+               "levels": {"prompts": 2, "lanczos_accuracy": 0.5, "rows": [
+                   {"level": 0, "accuracy": 0.5, "only_here": 0, "only_lanczos": 0},
+                   {"level": 100, "accuracy": 1.0, "only_here": 1, "only_lanczos": 0}]},
+               "thresholding": {"prompts": 2, "ground_truth_saturated": 0.4, "rows": [
+                   {"guidance": 5.0, "thresholding": "dynamic", "accuracy": 0.5, "saturated": 0.1}]}}
     (tmp_path / "r.json").write_text(json.dumps(results))
     shapes_sr.main(["card", "--model", str(tmp_path / "cascade"), "--results", str(tmp_path / "r.json")])
     card = (tmp_path / "cascade" / "MODEL_CARD.md").read_text()
-    assert "| Lanczos | 20.5 | 0.8 | 0.5 |" in card and "| 100 | 1.0 | 1 / 0 | 1 |" in card
+    for row in ("| Lanczos | 20.5 | 0.8 | 0.5 |", "| with augmentation | 100 | 1.0 | 1 / 0 | 1 |",
+                "| 0 | 0.5 | 0 / 0 |", "| 5.0 | dynamic | 0.5 | 0.1 |", "right only with it 3, only without it 2",
+                "`python bench`"):
+        assert row in card, row
 
+
+def test_a_stage_trained_without_augmentation_is_exported_at_level_zero(tmp_path):
+    shapes_sr.main(["train", "--run", str(tmp_path / "run"), "--max-steps", "1", "--no-augmentation", *ARGS])
+    shapes_sr.main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "cascade")])
+    low_res = CascadePipeline.from_pretrained(tmp_path / "cascade").stages[0].low_res
+    assert (low_res.noise_level, low_res.max_noise_level) == (0, 0)
+    assert "without augmentation" in (tmp_path / "cascade" / "MODEL_CARD.md").read_text()
 
 def test_the_training_input_is_the_low_render_corrupted_at_its_level():
     high, low = (torch.from_numpy(ShapesDataset(s, 4, 7).batch()[0]) for s in (128, 64))
@@ -57,3 +74,10 @@ def test_the_training_input_is_the_low_render_corrupted_at_its_level():
     a, b = shapes_sr.crops(grid, grid.clone(), 4)
     assert torch.equal(a, b) and a.shape == (2, 1, 4, 4)  # the same window of target and input
     assert np.isfinite(noisy.numpy()).all()
+
+
+def test_an_efficient_unet_run_keeps_its_layout(tmp_path):
+    shapes_sr.main(["train", "--run", str(tmp_path / "run"), "--max-steps", "1", "--efficient", *ARGS])
+    with pytest.raises(SystemExit, match="--efficient"):
+        shapes_sr.main(["train", "--run", str(tmp_path / "run"), "--max-steps", "2", *ARGS])
+    assert shapes_sr.sr_model(tmp_path / "run").config == shapes_sr.EFFICIENT_SR_UNET

@@ -57,15 +57,28 @@ def render_cascade_card(folder: Path) -> str:
             f"Fed the base model's samples (base accuracy at 64 px {m['base']['accuracy_64']}, "
             f"{m['base']['seconds_per_image']} s per image; Lanczos to 128 px: {m['base']['lanczos_accuracy_128']}):",
             "",
-            _table(["augmentation level at sampling", "accuracy", "right only here / only with Lanczos",
-                    "s / image (super-resolution stage)"],
-                   [[r["level"], r["accuracy"], f"{r['only_here']} / {r['only_lanczos']}", r["seconds_per_image"]]
-                    for r in m["levels"]]), ""]
-    if m.get("thresholding"):
-        out += ["Thresholding in the pixel stage:", "",
+            _table(["super-resolution stage", "level", "accuracy", "right only here / only with Lanczos",
+                    "s / image"],
+                   [[r["stage"], r["level"], r["accuracy"], f"{r['only_here']} / {r['only_lanczos']}",
+                     r["seconds_per_image"]] for r in m["fed_base"]]), ""]
+    if m.get("augmentation_paired"):
+        p = m["augmentation_paired"]
+        out += [f"Prompt by prompt, with against without augmentation: right only with it {p['only_with']}, only "
+                f"without it {p['only_without']}.", ""]
+    lv = m["levels"]
+    if len(lv["rows"]) > 1:
+        out += [f"Augmentation level at sampling (non-truncated), on {lv['prompts']} of the prompts (Lanczos "
+                f"{lv['lanczos_accuracy']}):", "",
+                _table(["level", "accuracy", "right only here / only with Lanczos"],
+                       [[r["level"], r["accuracy"], f"{r['only_here']} / {r['only_lanczos']}"] for r in lv["rows"]]),
+                ""]
+    th = m["thresholding"]
+    if th["rows"]:
+        out += [f"Thresholding of x0 in the pixel stage, on {th['prompts']} of the prompts (the ground truth's own "
+                f"share of saturated channel values: {th['ground_truth_saturated']}):", "",
                 _table(["guidance", "thresholding", "accuracy", "saturated channel values"],
                        [[r["guidance"], r["thresholding"] or "none", r["accuracy"], r["saturated"]]
-                        for r in m["thresholding"]]), ""]
+                        for r in th["rows"]]), ""]
     out += ["Command: `" + m.get("command", "python benchmarks/shapes_cascade.py --model weights/shapes-cascade")
             + "`", ""]
     return "\n".join(out)

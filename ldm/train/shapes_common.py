@@ -56,7 +56,7 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    return f"{name}, {torch.get_num_threads()} thread" + ("s" if torch.get_num_threads() != 1 else "")
 
 
 class Run:

@@ -9,6 +9,7 @@ behind the shipped shapes-64 base as one cascade folder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -33,10 +34,16 @@ from .shapes_unet import prepare_text
 from .state import load_training_state, rng_state, set_rng_state
 
 SIZE = 128
-# 128x128x3 (+3 concatenated) at 32 channels, down to 16x16 where it cross-attends to the caption.
+# 128x128x3 (+3 concatenated) at 32 channels, down to 16x16 where it cross-attends to the caption. 8 norm groups,
+# not 32: GroupNorm(32) over 32 channels is an instance norm, which takes each channel's mean over the image away
+# and with it the color of a flat background (trained so, the stage shifted grounds' colors: 23 dB fed ground truth).
 SR_UNET = UNetConfig(in_channels=6, out_channels=3, concat_channels=3, model_channels=32, channel_mult=(1, 2, 2, 4),
                      num_res_blocks=1, attention_resolutions=(8,), num_heads=4, context_dim=384, sample_size=SIZE,
-                     mask_context=True, noise_level_embed="timestep")
+                     mask_context=True, noise_level_embed="timestep", num_groups=8)
+# Imagen's Efficient U-Net layout of the same widths: every level downsamples first (no block at 128 px), more
+# blocks at the low resolutions, skips scaled by 1/sqrt(2) (`train --efficient`)
+EFFICIENT_SR_UNET = dataclasses.replace(SR_UNET, num_res_blocks=(1, 1, 2, 2), skip_scale=2**-0.5,
+                                        resample_first=True)
 SR_DIFFUSION = DiffusionConfig(schedule="cosine", prediction_type="v", spacing="trailing", sampler="dpmpp_2m",
                                num_inference_steps=20, guidance_scale=1.0)
 # levels up to 500 of the cosine schedule (alpha_bar 0.49): above it the 64-px input says little
@@ -79,12 +86,16 @@ def train(args: argparse.Namespace) -> None:
     captions = prepare_text(args, run.folder, text)
     high, low = renders(args)
     st = load_training_state(run.state_path) if run.state_path.exists() else None
-    model, denoiser, opt, ema, sampler = training_parts(SR_UNET, SR_DIFFUSION, args.lr, args.ema)
+    config = EFFICIENT_SR_UNET if args.efficient else SR_UNET
+    model, denoiser, opt, ema, sampler = training_parts(config, SR_DIFFUSION, args.lr, args.ema)
     step, elapsed = 0, 0.0
     if st is not None:
         if st["augment"] != (not args.no_augmentation):
             raise SystemExit(f"{args.run} was trained {'with' if st['augment'] else 'without'} augmentation; a run "
                              "keeps its setting")
+        if st.get("unet", SR_UNET.to_dict()) != config.to_dict():
+            raise SystemExit(f"{args.run} was trained with{'out' if args.efficient else ''} --efficient; a run "
+                             "keeps its U-Net")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         ema.load_state_dict(st["ema"])
@@ -111,13 +122,13 @@ def train(args: argparse.Namespace) -> None:
         if run.due() or run.out_of_time() or step == args.max_steps:
             run.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "step": step,
                       "elapsed": elapsed + time.time() - start, "rng": rng_state(),
-                      "augment": not args.no_augmentation})
+                      "augment": not args.no_augmentation, "unet": config.to_dict()})
 
 
 def sr_model(run: Path) -> UNetModel:
     """The EMA weights of a run."""
     st = load_training_state(Path(run) / "state.pt")
-    model = UNetModel(SR_UNET)
+    model = UNetModel(UNetConfig.from_dict(st["unet"]) if "unet" in st else SR_UNET)
     model.load_state_dict(st["model"])
     ema = EMA(model)
     ema.load_state_dict(st["ema"])
@@ -130,9 +141,11 @@ def export(args: argparse.Namespace) -> None:
     from pipelines import CascadePipeline, SuperResolutionPipeline, TextToImagePipeline
 
     base = TextToImagePipeline.from_pretrained(args.base)
-    sr = SuperResolutionPipeline(sr_model(args.run), None, base.text_encoder, SR_DIFFUSION, LOW_RES)
-    CascadePipeline(base, [sr]).save_pretrained(args.out)
     st = load_training_state(Path(args.run) / "state.pt")
+    # a stage trained without augmentation saw level 0 only, and its folder says so
+    low_res = LOW_RES if st["augment"] else dataclasses.replace(LOW_RES, noise_level=0, max_noise_level=0)
+    sr = SuperResolutionPipeline(sr_model(args.run), None, base.text_encoder, SR_DIFFUSION, low_res)
+    CascadePipeline(base, [sr]).save_pretrained(args.out)
     write_json({"sr_steps": st["step"], "sr_minutes": round(st["elapsed"] / 60, 1), "augment": st["augment"],
                 "sr_parameters": sum(p.numel() for p in sr.unet.parameters()), "base": str(args.base),
                 "commands": (Path(args.run) / "commands.txt").read_text().splitlines()},
@@ -168,6 +181,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     tr.add_argument("--ema", type=float, default=0.999)
     tr.add_argument("--cfg-dropout", type=float, default=0.1)
     tr.add_argument("--no-augmentation", action="store_true")
+    tr.add_argument("--efficient", action="store_true", help="Imagen's Efficient U-Net layout (EFFICIENT_SR_UNET)")
     ex = sub.add_parser("export")
     ex.add_argument("--run", required=True)
     ex.add_argument("--base", default="shapes-64")

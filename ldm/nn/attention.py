@@ -150,3 +150,73 @@ class SpatialTransformer(nn.Module):
         if not self.use_linear:
             x = self.proj_out(x)
         return x + residual
+
+
+class AddedKVAttention(nn.Module):
+    """DeepFloyd IF's attention block (diffusers' SimpleCrossAttn blocks): the group-normed feature map's tokens
+    attend, in one softmax, to the text tokens (group-normed over their channels, with their own key and value
+    projections) and, unless cross_only, to themselves; the output is added to the input. A padding mask hides
+    padded text tokens from the keys, but the text's GroupNorm takes its statistics over every token, padding
+    included, as IF's does (IF's pipelines pass no mask)."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, num_groups: int = 32,
+                 cross_only: bool = False, context_groups: int = 32):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.backend = "sdpa"
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.norm_context = nn.GroupNorm(context_groups, context_dim)
+        self.to_q = nn.Linear(channels, inner)
+        self.to_k = None if cross_only else nn.Linear(channels, inner)
+        self.to_v = None if cross_only else nn.Linear(channels, inner)
+        self.add_k = nn.Linear(context_dim, inner)
+        self.add_v = nn.Linear(context_dim, inner)
+        self.to_out = nn.Linear(inner, channels)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        ctx = self.norm_context(context.transpose(1, 2)).transpose(1, 2)
+        k, v = self.add_k(ctx), self.add_v(ctx)
+        if self.to_k is not None:
+            k = torch.cat([k, self.to_k(tokens)], dim=1)
+            v = torch.cat([v, self.to_v(tokens)], dim=1)
+            if mask is not None:  # the feature tokens are always attended to
+                mask = torch.cat([mask, mask.new_ones(b, h * w)], dim=1)
+        out = attention(self.to_q(tokens), k, v, self.heads, mask, upcast=True, backend=self.backend)
+        return x + self.to_out(out).transpose(1, 2).reshape(b, c, h, w)
+
+
+class AttentionPooling(nn.Module):
+    """A text embedding pooled to one vector (DeepFloyd IF, from CLIP's attention pooling): a query made of the
+    tokens' mean plus a learned position attends over [that query, tokens] with `heads` heads; no output
+    projection."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention pooling: width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.positional_embedding = nn.Parameter(torch.randn(1, dim) / dim**0.5)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        query = x.mean(dim=1, keepdim=True) + self.positional_embedding.to(x.dtype)
+        x = torch.cat([query, x], dim=1)
+        return attention(self.q_proj(query), self.k_proj(x), self.v_proj(x), self.heads, upcast=True)[:, 0]
+
+
+class TextPooling(nn.Module):
+    """DeepFloyd IF's pooled-text embedding, added to the time embedding: LayerNorm, attention pooling, a
+    projection to the embedding width, LayerNorm."""
+
+    def __init__(self, dim: int, emb_dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.pool = AttentionPooling(dim, heads)
+        self.proj = nn.Linear(dim, emb_dim)
+        self.norm2 = nn.LayerNorm(emb_dim)
+
+    def forward(self, context: Tensor) -> Tensor:
+        return self.norm2(self.proj(self.pool(self.norm1(context))))

@@ -21,6 +21,16 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+ACTIVATIONS = ("silu", "gelu")
+
+
+def activation(name: str) -> nn.Module:
+    """The U-Net's nonlinearity: SiLU (Stable Diffusion, improved DDPM) or exact GELU (DeepFloyd IF)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"act_fn must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+    return nn.SiLU() if name == "silu" else nn.GELU()
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour 2x (or to an explicit size) then a 3x3 conv."""
 
@@ -49,15 +59,19 @@ class Downsample(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice with the timestep embedding added in between (Ho et al. 2020, App. B), or
     applied as scale and shift of the second norm (Dhariwal & Nichol 2021, AdaGN); optional up/down sampling
-    of both paths (BigGAN-style); 1x1 conv skip when the channel count changes."""
+    of both paths (BigGAN-style); 1x1 conv skip when the channel count changes. DeepFloyd IF's options: GELU for
+    SiLU (act_fn), the embedding projected without a nonlinearity first (skip_time_act), and the sum of both paths
+    divided by output_scale (sqrt(2) in IF's super-resolution U-Nets)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: Optional[int] = None,
                  dropout: float = 0.0, use_scale_shift_norm: bool = False, up: bool = False, down: bool = False,
-                 num_groups: int = 32):
+                 num_groups: int = 32, act_fn: str = "silu", skip_time_act: bool = False,
+                 output_scale: float = 1.0):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(nn.GroupNorm(num_groups, channels), nn.SiLU(),
+        self.output_scale = output_scale
+        self.in_layers = nn.Sequential(nn.GroupNorm(num_groups, channels), activation(act_fn),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.updown = up or down
         if up:
@@ -65,8 +79,10 @@ class ResBlock(nn.Module):
         elif down:
             self.h_upd, self.x_upd = Downsample(channels, use_conv=False), Downsample(channels, use_conv=False)
         self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
-        self.out_layers = nn.Sequential(nn.GroupNorm(num_groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            nn.Identity() if skip_time_act else activation(act_fn),
+            nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.out_layers = nn.Sequential(nn.GroupNorm(num_groups, out_channels), activation(act_fn),
+                                        nn.Dropout(dropout),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         nn.init.zeros_(self.out_layers[3].weight)
         nn.init.zeros_(self.out_layers[3].bias)
@@ -86,4 +102,5 @@ class ResBlock(nn.Module):
             h = self.out_layers[1:](h)
         else:
             h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+        out = self.skip_connection(x) + h
+        return out if self.output_scale == 1 else out / self.output_scale

@@ -15,13 +15,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import JsonConfig
-from .attention import CrossAttention, SpatialTransformer, check_backend
-from .layers import Downsample, ResBlock, Upsample, timestep_embedding
+from .attention import AddedKVAttention, CrossAttention, SpatialTransformer, TextPooling, check_backend
+from .layers import ACTIVATIONS, Downsample, ResBlock, Upsample, activation, timestep_embedding
 
 Tensor = torch.Tensor
 
 
 NOISE_LEVEL_EMBEDS = (None, "timestep", "table")
+ATTENTION_TYPES = ("transformer", "added_kv")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,15 @@ class UNetConfig(JsonConfig):
     blocks at the low resolutions), skip_scale (encoder-to-decoder skips multiplied by it; Imagen: 1/sqrt(2)) and
     resample_first (every level downsamples before its blocks, the first one too, and upsamples after them, so no
     block runs at full resolution; the input convolution's output is then not a skip).
+
+    DeepFloyd IF's U-Nets (resblock_updown, use_scale_shift_norm and): act_fn "gelu" for SiLU everywhere;
+    attention_type "added_kv" (AddedKVAttention: the feature tokens attend to the text tokens and to themselves in
+    one softmax) in place of transformer blocks; text_embed_dim: the text encoder's width, projected to
+    context_dim once (`context_proj`); text_pool_heads: the text embedding attention-pooled with that many heads
+    and added to the time embedding (`text_pool`); time_embed_dim: the embedding width (None: 4 model_channels);
+    time_embed_act: a nonlinearity on the summed embedding; res_skip_time_act: ResBlocks project the embedding
+    without a nonlinearity first; res_output_scale / mid_output_scale: ResBlock outputs divided by it (IF's
+    super-resolution U-Nets: sqrt(2)), in the middle block the latter.
     """
 
     in_channels: int = 4
@@ -73,6 +83,15 @@ class UNetConfig(JsonConfig):
     disable_self_attentions: Optional[tuple[bool, ...]] = None  # per level: cross-attention in place of self
     skip_scale: float = 1.0
     resample_first: bool = False
+    act_fn: str = "silu"
+    attention_type: str = "transformer"
+    text_embed_dim: Optional[int] = None
+    text_pool_heads: Optional[int] = None
+    time_embed_dim: Optional[int] = None
+    time_embed_act: Optional[str] = None
+    res_skip_time_act: bool = False
+    res_output_scale: float = 1.0
+    mid_output_scale: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -105,6 +124,26 @@ class UNetConfig(JsonConfig):
                              f"got {self.concat_channels}")
         if self.noise_level_embed not in NOISE_LEVEL_EMBEDS:
             raise ValueError(f"noise_level_embed must be one of {NOISE_LEVEL_EMBEDS}; got {self.noise_level_embed!r}")
+        if self.act_fn not in ACTIVATIONS or self.time_embed_act not in (None, *ACTIVATIONS):
+            raise ValueError(f"act_fn and time_embed_act must be one of {ACTIVATIONS} (time_embed_act: or None); "
+                             f"got {self.act_fn!r}, {self.time_embed_act!r}")
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}; got {self.attention_type!r}")
+        if self.context_dim is None and (self.attention_type == "added_kv" or self.text_embed_dim is not None
+                                         or self.text_pool_heads is not None):
+            raise ValueError("added_kv attention, text_embed_dim and text_pool_heads need a context_dim")
+        if not (self.res_output_scale > 0 and self.mid_output_scale > 0):
+            raise ValueError("res_output_scale and mid_output_scale must be > 0")
+
+    @property
+    def emb_dim(self) -> int:
+        """Width of the time embedding (and of everything added to it)."""
+        return self.time_embed_dim or 4 * self.model_channels
+
+    @property
+    def text_dim(self) -> Optional[int]:
+        """Width of the text embedding the U-Net takes as context."""
+        return self.text_embed_dim or self.context_dim
 
     @property
     def downsample_factor(self) -> int:
@@ -166,7 +205,7 @@ class TimestepEmbedSequential(nn.ModuleList):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
+            elif isinstance(layer, (SpatialTransformer, AddedKVAttention)):
                 x = layer(x, context, mask)
             elif isinstance(layer, Upsample):
                 x = layer(x, upsample_size)
@@ -180,24 +219,36 @@ class UNetModel(nn.Module):
         super().__init__()
         self.config = c = config
         self.gradient_checkpointing = False
-        mc, emb_dim = c.model_channels, c.model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        mc, emb_dim = c.model_channels, c.emb_dim
+
+        def mlp(dim_in):
+            return nn.Sequential(nn.Linear(dim_in, emb_dim), activation(c.act_fn), nn.Linear(emb_dim, emb_dim))
+
+        self.time_embed = mlp(mc)
         if c.num_classes is not None:
             self.label_emb = nn.Embedding(c.num_classes, emb_dim)
         elif c.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(),
-                                                         nn.Linear(emb_dim, emb_dim)))
+            self.label_emb = nn.Sequential(mlp(c.adm_in_channels))
         if c.noise_level_embed == "timestep":
-            self.noise_level_emb = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            self.noise_level_emb = mlp(mc)
         elif c.noise_level_embed == "table":
             self.noise_level_emb = nn.Embedding(c.num_noise_levels, emb_dim)
+        if c.text_embed_dim is not None:
+            self.context_proj = nn.Linear(c.text_embed_dim, c.context_dim)
+        if c.text_pool_heads is not None:
+            self.text_pool = TextPooling(c.text_dim, emb_dim, c.text_pool_heads)
+        self.time_embed_act = None if c.time_embed_act is None else activation(c.time_embed_act)
 
-        def res(ch_in, ch_out, **kw):
-            return ResBlock(ch_in, emb_dim, ch_out, c.dropout, c.use_scale_shift_norm, num_groups=c.num_groups, **kw)
+        def res(ch_in, ch_out, middle=False, **kw):
+            return ResBlock(ch_in, emb_dim, ch_out, c.dropout, c.use_scale_shift_norm, num_groups=c.num_groups,
+                            act_fn=c.act_fn, skip_time_act=c.res_skip_time_act,
+                            output_scale=c.mid_output_scale if middle else c.res_output_scale, **kw)
 
         def transformer(ch, level, middle=False):
             heads, dim_head = c.heads_for(ch)
             no_self = bool(c.disable_self_attentions and not middle and c.disable_self_attentions[level])
+            if c.attention_type == "added_kv":
+                return AddedKVAttention(ch, heads, dim_head, c.context_dim, c.num_groups, no_self)
             return SpatialTransformer(ch, heads, dim_head, c.depth_at(level), c.context_dim,
                                       c.use_linear_in_transformer, c.upcast_attention, c.num_groups, c.dropout,
                                       no_self)
@@ -222,7 +273,7 @@ class UNetModel(nn.Module):
             if not (kind == "conv_in" and c.resample_first):
                 skip_channels.append(ch)
         middle = [transformer(ch, len(c.channel_mult) - 1, middle=True)] if c.mid_attention else []
-        middle = [res(ch, ch)] + middle + [res(ch, ch)]
+        middle = [res(ch, ch, middle=True)] + middle + [res(ch, ch, middle=True)]
         self.middle_block = TimestepEmbedSequential(middle)
         self.output_blocks = nn.ModuleList()
         for level, _, upsamples in c.output_layout():
@@ -234,7 +285,8 @@ class UNetModel(nn.Module):
                 layers.append(res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
                 ds //= 2
             self.output_blocks.append(TimestepEmbedSequential(layers))
-        self.out = nn.Sequential(nn.GroupNorm(c.num_groups, ch), nn.SiLU(), nn.Conv2d(mc, c.out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(c.num_groups, ch), activation(c.act_fn),
+                                 nn.Conv2d(mc, c.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 
@@ -246,7 +298,7 @@ class UNetModel(nn.Module):
         """"sdpa" (default, torch's scaled_dot_product_attention) or "xformers" (optional extra, CUDA)."""
         check_backend(backend)
         for module in self.modules():
-            if isinstance(module, CrossAttention):
+            if isinstance(module, (CrossAttention, AddedKVAttention)):
                 module.backend = backend
 
     def _run(self, block: TimestepEmbedSequential, *args) -> Tensor:
@@ -275,8 +327,9 @@ class UNetModel(nn.Module):
         if (noise_level is None) != (c.noise_level_embed is None):
             raise ValueError("pass noise_level exactly when the U-Net embeds one (noise_level_embed="
                              f"{c.noise_level_embed!r})")
-        if c.context_dim is not None and context is None:
-            raise ValueError(f"this U-Net cross-attends to a context of width {c.context_dim}; context is None")
+        if c.context_dim is not None and (context is None or context.shape[-1] != c.text_dim):
+            raise ValueError(f"this U-Net cross-attends to a context of width {c.text_dim}; got "
+                             f"{None if context is None else tuple(context.shape)}")
         if (c.num_classes is not None or c.adm_in_channels is not None) and y is None:
             raise ValueError("this U-Net is class/vector-conditioned; pass y")
         t = torch.as_tensor(t, device=x.device)
@@ -289,8 +342,14 @@ class UNetModel(nn.Module):
             level = level.expand(x.shape[0]) if level.ndim == 0 else level
             emb = emb + (self.noise_level_emb(level.long()) if c.noise_level_embed == "table" else
                          self.noise_level_emb(timestep_embedding(level, c.model_channels).to(self.dtype)))
-        h = x.to(self.dtype)
         context = None if context is None else context.to(self.dtype)
+        if c.text_pool_heads is not None:
+            emb = emb + self.text_pool(context)
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+        if c.text_embed_dim is not None:
+            context = self.context_proj(context)
+        h = x.to(self.dtype)
         skips, sizes = [], []  # sizes: where each upsampling lands (the skip it meets, or the input's size)
         for i, block in enumerate(self.input_blocks):
             if i in self._downsamples:

@@ -16,30 +16,10 @@ from .diffusion.config import DiffusionConfig
 from .diffusion.denoiser import Denoiser, DenoiseFn
 from .diffusion.grids import noise_levels
 from .random import Generator
-from .sampling import dynamic_thresholding, get_sampler, static_thresholding
+from .sampling import get_sampler
+from .sampling.transforms import with_thresholding
 
 Tensor = torch.Tensor
-THRESHOLDING = ("static", "dynamic")
-
-
-def threshold(denoise: DenoiseFn, thresholding) -> DenoiseFn:
-    """None, "static", "dynamic" or a dict {"kind": ..., options} -> the thresholded DenoiseFn."""
-    if thresholding is None:
-        return denoise
-    if isinstance(thresholding, str):
-        kind, options = thresholding, {}
-    elif isinstance(thresholding, dict):
-        kind, options = thresholding.get("kind"), {k: v for k, v in thresholding.items() if k != "kind"}
-    else:
-        kind, options = None, {}
-    if kind == "static":
-        return static_thresholding(denoise, **options)
-    if kind == "dynamic":
-        return dynamic_thresholding(denoise, **options)
-    raise ValueError(f"thresholding must be None, 'static', 'dynamic' or a dict with kind in {THRESHOLDING}; "
-                     f"got {thresholding!r}")
-
-
 @dataclass
 class Stage:
     """unet: the denoising network; diffusion: how it samples; vae: the autoencoder of a latent model (None:
@@ -90,10 +70,12 @@ class Stage:
     def denoiser(self, cond: Conditioning, uncond: Optional[Conditioning], guidance_scale: float,
                  thresholding=None) -> DenoiseFn:
         """The DenoiseFn the samplers walk: the network bound to the conditioning pair (classifier-free guidance in
-        one batched call when uncond is given), then thresholding of x0."""
+        one batched call when uncond is given), then thresholding of x0: None is the model's own (its
+        DiffusionConfig's), False none, else "static", "dynamic" or a dict (ldm.sampling.transforms)."""
         d = self.diffusion
         network = Denoiser(self.unet, self.schedule, d.prediction_type, d.variance_type, d.timestep_rounding)
-        return threshold(guided(network, cond, uncond, guidance_scale), thresholding)
+        return with_thresholding(guided(network, cond, uncond, guidance_scale),
+                                 d.thresholding if thresholding is None else thresholding)
 
     def sample(self, denoise: DenoiseFn, x: Tensor, sigmas: Tensor, sampler: str, options: dict,
                generator: Generator = None, callback: Optional[Callable] = None, progress: bool = True) -> Tensor:

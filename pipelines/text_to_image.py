@@ -26,8 +26,9 @@ class TextToImagePipeline(DiffusionPipeline):
         sampler_options (e.g. {"eta": 1.0} for ddim; eta= is the same); sampler, num_inference_steps and guidance_scale
         default (None) to the model's own, stored in its folder (shapes-64: dpmpp_2m, 20 steps, guidance 3;
         where none is stored: ddim, 50, 7.5); guidance_scale > 1 turns on classifier-free guidance
-        (negative_prompt replaces the empty prompt); thresholding: None, "static", "dynamic" or a dict
-        like {"kind": "dynamic", "percentile": 0.995} (applied to the latent x0 estimate); height/width default
+        (negative_prompt replaces the empty prompt); thresholding of the x0 estimate: "static", "dynamic", a dict
+        like {"kind": "dynamic", "percentile": 0.995}, False (none) or None (the model's own: none, or the
+        scheduler's clip_sample / thresholding of a diffusers folder, DeepFloyd IF's dynamic); height/width default
         to the model's native size and must be multiples of the autoencoder's factor; seed: an int (image k gets
         seed + k, so a seed gives the same image at any batch size) or one int per image.
         """

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from ..config import JsonConfig, check_number
 from ..sampling import SAMPLERS, get_sampler
+from ..sampling.transforms import check_thresholding
 from . import parameterization as param
 from .denoiser import TIMESTEP_ROUNDINGS
 from .grids import check_grid
@@ -20,6 +21,9 @@ _DIFFUSERS_SIGMAS = {"karras": "use_karras_sigmas", "exponential": "use_exponent
 # diffusers' default timestep_spacing per scheduler class, where a config names none
 _DIFFUSERS_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "PNDMScheduler": "leading"}
 _ALPHA_TO_ONE_DEFAULT = {"DDIMScheduler": True, "PNDMScheduler": False}
+# the schedulers that clip x0 to [-clip_sample_range, clip_sample_range] unless told not to (clip_sample)
+_CLIPS_BY_DEFAULT = ("DDPMScheduler", "DDIMScheduler")
+_LEARNED_VARIANCES = ("learned", "learned_range")
 # The grid a diffusers spacing name means differs by scheduler family (ldm.diffusion.grids.spaced_timesteps)
 _K_FAMILY = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
              "LMSDiscreteScheduler")
@@ -52,6 +56,9 @@ class DiffusionConfig(JsonConfig):
     sampler: str = "ddim"
     num_inference_steps: Optional[int] = None  # None: diffusers' 50, or every timestep of a shorter schedule
     guidance_scale: float = 7.5
+    # thresholding of x0 when the caller names none: None, "static", "dynamic" or a dict with options
+    # (ldm.sampling.transforms.check_thresholding); diffusers' clip_sample and thresholding settings
+    thresholding: Optional[dict] = None
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", SCHEDULE_ALIASES.get(self.schedule, self.schedule))
@@ -66,6 +73,7 @@ class DiffusionConfig(JsonConfig):
         if self.num_inference_steps is not None:
             check_number("num_inference_steps", self.num_inference_steps, 1, self.num_timesteps, integer=True)
         check_number("guidance_scale", self.guidance_scale, 0)
+        object.__setattr__(self, "thresholding", check_thresholding(self.thresholding))
 
     @property
     def default_steps(self) -> int:
@@ -91,6 +99,19 @@ class DiffusionConfig(JsonConfig):
             raise ValueError("scheduler config with trained_betas is not supported")
         variance = d.get("variance_type") or "fixed_small"
         name = d.get("_class_name")
+        if name == "DDPMScheduler" and variance not in ("fixed_small", *_LEARNED_VARIANCES):
+            warnings.warn(f"DDPMScheduler's variance_type {variance!r} is sampled as fixed_small; for beta pass "
+                          "sampler_options={'variance': 'fixed_large'}", stacklevel=2)
+        thresholding = None
+        if d.get("thresholding"):  # Imagen's dynamic thresholding, with diffusers' cap on s
+            thresholding = {"kind": "dynamic", "percentile": d.get("dynamic_thresholding_ratio", 0.995),
+                            "max_value": d.get("sample_max_value", 1.0)}
+        elif name in _CLIPS_BY_DEFAULT and d.get("clip_sample", True):
+            thresholding = {"kind": "static", "limit": d.get("clip_sample_range", 1.0)}
+        if name == "DDIMScheduler" and thresholding is not None:
+            warnings.warn("diffusers' DDIMScheduler keeps the unthresholded eps after thresholding x0; here eps is "
+                          "re-derived from the thresholded x0, so this folder samples slightly differently",
+                          stacklevel=2)
         sigma_schedule = next((k for k, flag in _DIFFUSERS_SIGMAS.items() if d.get(flag)), None)
         # DDIM and PNDM end at alpha_bar = 1 unless set_alpha_to_one is false (PNDM's default); the sigma-based
         # schedulers end at sigma 0 unless final_sigmas_type is "sigma_min" (keys of other classes are ignored)
@@ -111,7 +132,8 @@ class DiffusionConfig(JsonConfig):
                    prediction_type=d.get("prediction_type", "epsilon"),
                    variance_type=variance if variance in param.VARIANCE_TYPES else "fixed_small",
                    spacing=spacing, steps_offset=d.get("steps_offset", 0), sigma_schedule=sigma_schedule,
-                   final=final, timestep_rounding=rounding, sampler=_sampler_from_diffusers(d))
+                   final=final, timestep_rounding=rounding, sampler=_sampler_from_diffusers(d),
+                   thresholding=thresholding)
 
     def _diffusers_spacing(self, name: str) -> str:
         """The timestep_spacing that means this grid in the diffusers class `name`; a warning where none does."""
@@ -159,6 +181,19 @@ class DiffusionConfig(JsonConfig):
             out["final_sigmas_type"] = self.final
         if self.sigma_schedule is not None:
             out[_DIFFUSERS_SIGMAS[self.sigma_schedule]] = True
+        if self.variance_type in _LEARNED_VARIANCES:
+            out["variance_type"] = self.variance_type
+        th = self.thresholding or {}
+        if name in _CLIPS_BY_DEFAULT:
+            out["clip_sample"] = th.get("kind") == "static"
+            if out["clip_sample"]:
+                out["clip_sample_range"] = th.get("limit", 1.0)
+        elif th.get("kind") == "static":
+            warnings.warn(f"diffusers' {name} cannot clip x0; the folder is written without static thresholding",
+                          stacklevel=2)
+        if th.get("kind") == "dynamic":  # no cap on s here is a cap diffusers never reaches
+            out.update(thresholding=True, dynamic_thresholding_ratio=th.get("percentile", 0.995),
+                       sample_max_value=th.get("max_value") or 1e9)
         return out
 
 

@@ -79,10 +79,11 @@ def get_sampler(name: str) -> SamplerSpec:
 register(SamplerSpec(
     "ddpm", samplers.ddpm, "DDPM (ancestral)",
     options={"variance": Option("fixed_small", lambda v: v in param.FIXED_VARIANCE_TYPES,
-                                f"one of {', '.join(param.FIXED_VARIANCE_TYPES)}")}))
+                                f"one of {', '.join(param.FIXED_VARIANCE_TYPES)}")},
+    diffusers=("DDPMScheduler", {})))
 register(SamplerSpec(
     "ddim", samplers.ddim, "DDIM", options={"eta": Option(0.0, _number_at_least(0), "a number >= 0")},
-    diffusers=("DDIMScheduler", {"clip_sample": False})))
+    diffusers=("DDIMScheduler", {})))
 register(SamplerSpec(
     "langevin", samplers.langevin, "Predictor-corrector (annealed Langevin)",
     options={"n_corrector": Option(1, _int_at_least(0), "an integer >= 0"),

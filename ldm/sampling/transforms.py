@@ -101,3 +101,39 @@ def dynamic_thresholding(denoise: DenoiseFn, percentile: float = 0.995,
         x0 = dynamic_threshold(pred.x0, percentile, max_value)
         return _with_x0(pred, x_t, x0, process.alpha_bar_of_sigma(sigma))
     return thresholded
+
+
+THRESHOLDING = ("static", "dynamic")
+
+
+def check_thresholding(thresholding) -> Optional[dict]:
+    """None or False (none), "static", "dynamic" or a dict {"kind": ..., options} (static: limit; dynamic:
+    percentile, max_value) -> None or the dict, its options checked."""
+    if thresholding is None or thresholding is False:
+        return None
+    if isinstance(thresholding, str):
+        spec = {"kind": thresholding}
+    elif isinstance(thresholding, dict):
+        spec = dict(thresholding)
+    else:
+        spec = {"kind": None}
+    if spec.get("kind") not in THRESHOLDING:
+        raise ValueError(f"thresholding must be None, False, 'static', 'dynamic' or a dict with kind in "
+                         f"{THRESHOLDING}; got {thresholding!r}")
+    try:
+        _thresholded(lambda x_t, sigma: None, spec)  # checks the options' names and values
+    except TypeError:
+        known = "limit" if spec["kind"] == "static" else "percentile, max_value"
+        raise ValueError(f"{spec['kind']} thresholding takes {known}; got {thresholding!r}") from None
+    return spec
+
+
+def _thresholded(denoise: DenoiseFn, spec: dict) -> DenoiseFn:
+    options = {k: v for k, v in spec.items() if k != "kind"}
+    return (static_thresholding if spec["kind"] == "static" else dynamic_thresholding)(denoise, **options)
+
+
+def with_thresholding(denoise: DenoiseFn, thresholding) -> DenoiseFn:
+    """The DenoiseFn thresholded as `thresholding` says (see check_thresholding); None or False: unchanged."""
+    spec = check_thresholding(thresholding)
+    return denoise if spec is None else _thresholded(denoise, spec)

@@ -1,7 +1,9 @@
 """diffusers folders (model_index.json + one subfolder per component), loaded and written: Stable Diffusion
-1.x/2.x (StableDiffusionPipeline) and the x4 upscaler (StableDiffusionUpscalePipeline, loaded)."""
+1.x/2.x (StableDiffusionPipeline); loaded: the x4 upscaler (StableDiffusionUpscalePipeline) and DeepFloyd IF's
+stages I and II (IFPipeline, IFSuperResolutionPipeline)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -30,6 +32,9 @@ def _diffusers_weights(component: Path, allow_pickle: bool) -> dict[str, torch.T
 # the diffusers pipelines whose folders hold one U-Net + KL VAE + CLIP text encoder (None: no _class_name)
 DIFFUSERS_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", None)
 UPSCALER = "StableDiffusionUpscalePipeline"
+IF_STAGES = ("IFPipeline", "IFSuperResolutionPipeline")
+# diffusers' __call__ defaults where a folder stores none: (steps, guidance)
+_CALL_DEFAULTS = {UPSCALER: (75, 9.0), "IFPipeline": (100, 7.0), "IFSuperResolutionPipeline": (50, 4.0)}
 
 
 def load_diffusers_folder(folder: PathLike, allow_pickle: bool = False) -> PipelineParts:
@@ -39,10 +44,12 @@ def load_diffusers_folder(folder: PathLike, allow_pickle: bool = False) -> Pipel
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
     name = index.get("_class_name")
+    if name in IF_STAGES:
+        return _load_if_folder(folder, name, allow_pickle)
     if (name not in DIFFUSERS_PIPELINES and name != UPSCALER) or "text_encoder_2" in index:
         raise ValueError(f"{folder / 'model_index.json'} describes a {name}; this package loads Stable Diffusion "
-                         f"1.x/2.x folders ({', '.join(p for p in DIFFUSERS_PIPELINES if p)}) and {UPSCALER} "
-                         "so far")
+                         f"1.x/2.x folders ({', '.join(p for p in DIFFUSERS_PIPELINES if p)}), {UPSCALER} and "
+                         f"DeepFloyd IF's {' and '.join(IF_STAGES)} so far")
     vae_config = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
     vae = _model(Autoencoder, vae_config,
                  autoencoder_state_dict_from_diffusers(_diffusers_weights(folder / "vae", allow_pickle), vae_config),
@@ -61,13 +68,40 @@ def load_diffusers_folder(folder: PathLike, allow_pickle: bool = False) -> Pipel
     text_encoder = CLIPTextEncoder.from_pretrained(folder, allow_pickle=allow_pickle)
     diffusion = DiffusionConfig.from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json"))
     low_res = None
-    if name == UPSCALER:
-        # diffusers' __call__ defaults for this pipeline: 75 steps, guidance 9, noise_level 20
-        diffusion = DiffusionConfig.from_dict({**diffusion.to_dict(), "num_inference_steps": 75,
-                                               "guidance_scale": 9.0})
+    if name == UPSCALER:  # and noise_level 20
+        diffusion = _with_call_defaults(diffusion, name)
         low_res = low_res_from_diffusers(read_json(folder / "low_res_scheduler" / "scheduler_config.json"),
                                          index.get("max_noise_level", 350), vae_config.downsample_factor)
     return PipelineParts(text_encoder, [Stage(unet, diffusion, vae, low_res)])
+
+
+def _with_call_defaults(diffusion: DiffusionConfig, name: str) -> DiffusionConfig:
+    steps, guidance = _CALL_DEFAULTS[name]
+    return DiffusionConfig.from_dict({**diffusion.to_dict(), "num_inference_steps": steps, "guidance_scale": guidance})
+
+
+def _load_if_folder(folder: Path, name: str, allow_pickle: bool) -> PipelineParts:
+    """DeepFloyd IF stage I (text -> 64 px) or stage II (text + image -> 4x larger, the image upsampled bilinearly
+    and then noised at noise_level of its image_noising_scheduler): a pixel-space stage on a T5 encoder, with
+    learned-range variance and the scheduler's dynamic thresholding."""
+    from .text.t5 import T5TextEncoder
+
+    raw = read_json(folder / "unet" / "config.json")
+    stage2 = name == "IFSuperResolutionPipeline"
+    config = config_from_diffusers(raw, class_labels="noise_level" if stage2 else "classes",
+                                   concat_channels=raw.get("in_channels", 6) // 2 if stage2 else 0)
+    unet = _model(UNetModel, config, state_dict_from_diffusers(_diffusers_weights(folder / "unet", allow_pickle),
+                                                               config), f"{folder}/unet")
+    diffusion = _with_call_defaults(
+        DiffusionConfig.from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json")), name)
+    low_res = None
+    if stage2:  # IF's defaults: noise_level 250, x4 (64 -> 256), any level of the noising schedule
+        noising = read_json(folder / "image_noising_scheduler" / "scheduler_config.json")
+        steps = noising.get("num_train_timesteps", 1000)
+        low_res = dataclasses.replace(low_res_from_diffusers(noising, steps - 1, 4), noise_level=250,
+                                      upsample="bilinear", align_corners=True, noise_at="high")
+    return PipelineParts(T5TextEncoder.from_diffusers(folder, allow_pickle=allow_pickle),
+                         [Stage(unet, diffusion, None, low_res)])
 
 
 def low_res_from_diffusers(scheduler: dict, max_noise_level: int, scale: int) -> LowResConditioning:
@@ -92,7 +126,7 @@ def save_diffusers_folder(parts: PipelineParts, folder: Path) -> None:
 
     from .text.clip import CLIPTextEncoder
 
-    if not isinstance(text_encoder, CLIPTextEncoder) or vae.config.kind != "kl":
+    if not isinstance(text_encoder, CLIPTextEncoder) or vae is None or vae.config.kind != "kl":
         raise ValueError("the diffusers StableDiffusionPipeline layout needs a CLIP text encoder and a KL autoencoder")
     scheduler = diffusion.to_diffusers()
     write_json({"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,

@@ -59,10 +59,13 @@ class SuperResolutionPipeline(DiffusionPipeline):
         low_res, f = self.low_res, self.latent_factor
         size = (low.shape[-2] * low_res.scale // f, low.shape[-1] * low_res.scale // f)
         levels = torch.full((low.shape[0],), level, dtype=torch.long)
-        if not noised:
-            low = low_res.noise(low, levels, generators)
-        x = randn((low.shape[0], self.stage.channels, *size), generators, self.dtype, self.device)
-        extra = Conditioning({"concat": low_res.resize(low, size).to(self.dtype),
-                              "noise_level": levels.to(self.device)})
+        shape = (low.shape[0], self.stage.channels, *size)
+        if low_res.noise_at == "high":  # the draw order of diffusers' pipelines for each convention
+            x = randn(shape, generators, self.dtype, self.device)
+            concat = low_res.condition(low, size, levels, generators, noised)
+        else:
+            concat = low_res.condition(low, size, levels, generators, noised)
+            x = randn(shape, generators, self.dtype, self.device)
+        extra = Conditioning({"concat": concat.to(self.dtype), "noise_level": levels.to(self.device)})
         sigmas = stop_at(self.sigmas(run.num_inference_steps), sigma_stop)
         return self.draw(prompts, run, n, x, sigmas, thresholding, generators, callback, extra)

@@ -26,6 +26,7 @@ from .schedule import SCHEDULE_ALIASES, NoiseSchedule
 Tensor = torch.Tensor
 UPSAMPLING = ("bicubic", "bilinear", "nearest")
 MODES = ("non_truncated", "truncated")
+NOISE_AT = ("low", "high")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,11 @@ class LowResConditioning(JsonConfig):
     (`upsample`) to the size of the array it samples and given to the network as `concat`, after Gaussian noise at
     level `noise_level` of the augmentation schedule (`schedule`, `num_timesteps`, betas; the level is the
     network's `noise_level`). Training draws the level uniformly from [0, max_noise_level] and, with
-    blur_sigma > 0, blurs the input with a Gaussian of std uniform in [0, blur_sigma] pixels (low resolution)."""
+    blur_sigma > 0, blurs the input with a Gaussian of std uniform in [0, blur_sigma] pixels (low resolution).
+
+    noise_at "low" (Ho et al.; the x4 upscaler) corrupts the input before upsampling it, "high" (DeepFloyd IF's
+    stage II) after; align_corners is the upsampling's (IF: bilinear with align_corners=True). The pipelines
+    draw the augmentation noise as diffusers' do: before the starting noise at "low", after it at "high"."""
 
     scale: int = 2
     upsample: str = "bicubic"
@@ -45,6 +50,8 @@ class LowResConditioning(JsonConfig):
     noise_level: int = 100
     max_noise_level: int = 999
     blur_sigma: float = 0.0
+    noise_at: str = "low"
+    align_corners: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", SCHEDULE_ALIASES.get(self.schedule, self.schedule))
@@ -55,6 +62,10 @@ class LowResConditioning(JsonConfig):
         check_number("max_noise_level", self.max_noise_level, 0, self.num_timesteps - 1, integer=True)
         self.check_level(self.noise_level)
         check_number("blur_sigma", self.blur_sigma, 0)
+        if self.noise_at not in NOISE_AT:
+            raise ValueError(f"noise_at must be one of {', '.join(NOISE_AT)}; got {self.noise_at!r}")
+        if self.align_corners and self.upsample == "nearest":
+            raise ValueError("align_corners applies to bilinear and bicubic upsampling, not nearest")
 
     def build_schedule(self) -> NoiseSchedule:
         return NoiseSchedule.from_name(self.schedule, self.num_timesteps, beta_start=self.beta_start,
@@ -73,13 +84,23 @@ class LowResConditioning(JsonConfig):
         """The (augmented) low-resolution input at the sampled array's size."""
         if tuple(image.shape[-2:]) == tuple(size):
             return image
-        kwargs = {} if self.upsample == "nearest" else {"align_corners": False}
+        kwargs = {} if self.upsample == "nearest" else {"align_corners": self.align_corners}
         return F.interpolate(image.float(), size=size, mode=self.upsample, **kwargs).to(image.dtype)
 
     def noise(self, z0: Tensor, level: Tensor, generator: Generator = None) -> Tensor:
         """q(z_s | z_0) at integer levels s [B] (level 0 is alpha_bar_0, almost clean, as diffusers' add_noise)."""
         alpha_bar = self.build_schedule().alpha_bar_at(level.cpu())
         return process.q_sample(z0, randn(z0.shape, generator, z0.dtype, z0.device), alpha_bar)
+
+    def condition(self, low: Tensor, size: tuple[int, int], level: Tensor, generator: Generator = None,
+                  noised: bool = False) -> Tensor:
+        """The network's `concat` input at the sampled array's size: the low-resolution image corrupted at
+        `level` (at noise_at's resolution; noised=True: it already carries that noise) and upsampled."""
+        if self.noise_at == "high":
+            low = self.resize(low, size)
+        if not noised:
+            low = self.noise(low, level, generator)
+        return self.resize(low, size)
 
     def sample_levels(self, batch: int, generator: Generator = None) -> Tensor:
         """Training: levels uniform in [0, max_noise_level]."""

@@ -22,6 +22,7 @@ class T5EncoderConfig(EncoderConfig):
 
     tokenizer "byt5": UTF-8 bytes + 3, '</s>' = 1, pad = 0 (no files); "sentencepiece": a .model file given to
     T5TextEncoder, read with the sentencepiece package exactly as T5's tokenizer reads it, then '</s>'.
+    lowercase: prompts lower-cased and stripped first (DeepFloyd IF's pipelines without caption cleaning).
     """
 
     vocab_size: int = 384
@@ -37,6 +38,7 @@ class T5EncoderConfig(EncoderConfig):
     tokenizer: str = "byt5"
     max_length: int = 77
     chunked: bool = False
+    lowercase: bool = False
 
     def __post_init__(self):
         if self.tokenizer not in T5_TOKENIZERS:
@@ -86,6 +88,39 @@ class T5TextEncoder(TextEncoder):
         spm_file = folder / "tokenizer" / SPM_NAME if config.tokenizer == "sentencepiece" else None
         return cls(config, model, spm_file)
 
+    @classmethod
+    def from_diffusers(cls, folder: str | Path, *, allow_pickle: bool = False, **overrides) -> T5TextEncoder:
+        """A diffusers folder's T5 (DeepFloyd IF): text_encoder/ (transformers T5EncoderModel, loaded strictly) and
+        tokenizer/spiece.model; 77 tokens, prompts lower-cased as IF's pipelines do; overrides set config fields."""
+        from ..checkpoints import load_state_dict
+        from .base import read_config as read_ours
+
+        folder = Path(folder)
+        if read_ours(folder) is not None:  # a folder this package wrote keeps its own settings
+            return cls.from_pretrained(folder, **overrides)
+        hf = T5Config.from_pretrained(folder / "text_encoder", local_files_only=True)
+        weights = next((folder / "text_encoder" / n for n in ("model.safetensors", "pytorch_model.bin")
+                        if (folder / "text_encoder" / n).is_file()), None)
+        spm_file = folder / "tokenizer" / SPM_NAME
+        if weights is None or not spm_file.is_file():
+            raise FileNotFoundError(f"{folder} needs text_encoder/model.safetensors and tokenizer/{SPM_NAME} (a T5 "
+                                    "encoder and its SentencePiece model)")
+        config = T5EncoderConfig(vocab_size=hf.vocab_size, d_model=hf.d_model, d_kv=hf.d_kv, d_ff=hf.d_ff,
+                                 num_layers=hf.num_layers, num_heads=hf.num_heads,
+                                 feed_forward_proj=hf.feed_forward_proj,
+                                 relative_attention_num_buckets=hf.relative_attention_num_buckets,
+                                 relative_attention_max_distance=hf.relative_attention_max_distance,
+                                 layer_norm_epsilon=hf.layer_norm_epsilon, tokenizer="sentencepiece", lowercase=True)
+        config = dataclasses.replace(config, **overrides)
+        model = T5EncoderModel(config.hf_config())
+        state = load_state_dict(weights, allow_pickle)
+        state = {k: v for k, v in state.items() if k != "decoder.embed_tokens.weight"}  # tied copies, if any
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(k != "encoder.embed_tokens.weight" for k in missing):
+            raise ValueError(f"{weights} does not fit a T5 encoder: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}")
+        return cls(config, model.eval(), spm_file)
+
     def save_pretrained(self, folder: str | Path) -> None:
         """text_encoder/ (transformers layout), tokenizer/spiece.model for SentencePiece, and our config json."""
         folder = Path(folder)
@@ -105,6 +140,8 @@ class T5TextEncoder(TextEncoder):
 
     def token_ids(self, prompts: list[str]) -> list[list[int]]:
         """Byte or SentencePiece ids, no '</s>'."""
+        if self.config.lowercase:
+            prompts = [p.lower().strip() for p in prompts]
         if self.config.tokenizer == "sentencepiece":
             return self.tokenizer.encode(prompts)
         return self.tokenizer(prompts, add_special_tokens=False, verbose=False).input_ids

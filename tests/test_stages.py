@@ -140,3 +140,28 @@ def test_bad_folder_descriptions_are_named(tmp_path, meta, words):
     (tmp_path / "ldm_pipeline.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=words):
         checkpoints.load_pipeline(tmp_path)
+
+
+def test_a_shipped_network_is_referred_to_unless_changed(tmp_path):
+    """A folder that reuses a shipped model's network unchanged names it ("shapes-64/unet") instead of copying it;
+    changed weights are written; a reference to no shipped network is an error naming it."""
+    pipe = TextToImagePipeline.from_pretrained("shapes-64")
+    pipe.progress = False
+    pipe.save_pretrained(tmp_path / "same")
+    meta = json.loads((tmp_path / "same" / "ldm_pipeline.json").read_text())
+    assert meta["components"]["unet"] == {"type": "unet", "shipped": "shapes-64/unet"}
+    assert not (tmp_path / "same" / "unet").exists()
+    again = TextToImagePipeline.from_pretrained(tmp_path / "same")
+    again.progress = False
+    kwargs = dict(num_inference_steps=2, seed=0, output_type="np")
+    assert np.array_equal(again("a red circle", **kwargs).images, pipe("a red circle", **kwargs).images)
+    with torch.no_grad():
+        pipe.unet.out[2].bias.add_(0.01)
+    pipe.save_pretrained(tmp_path / "changed")
+    meta = json.loads((tmp_path / "changed" / "ldm_pipeline.json").read_text())
+    assert meta["components"]["unet"] == {"type": "unet"} and (tmp_path / "changed" / "unet").is_dir()
+    assert meta["components"]["vae"]["shipped"] == "shapes-64/vae"
+    meta["components"]["unet"] = {"type": "unet", "shipped": "shapes-64/nothing"}
+    (tmp_path / "same" / "ldm_pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="shapes-64/nothing"):
+        TextToImagePipeline.from_pretrained(tmp_path / "same")

@@ -201,7 +201,7 @@ def main() -> None:
               f"ground truth's saturated share {results['thresholding']['ground_truth_saturated']}):\n")
         print("| guidance | thresholding | accuracy at 128 px | saturated values |\n|---|---|---|---|")
     for guidance in args.guidance:
-        for kind in (None, "static", "dynamic"):
+        for kind in (False, "static", "dynamic"):  # False: none (None would be the model's own)
             images, _ = upscale(pipe, sub, sub_low, level, guidance=guidance, thresholding=kind)
             saturated = float(np.mean((images == 0) | (images == 255)))
             acc = accuracy(images, sub)

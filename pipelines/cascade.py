@@ -13,6 +13,7 @@ from ldm import checkpoints
 from ldm.device import check_device, check_dtype
 from ldm.diffusion.augmentation import check_mode
 from ldm.random import Generator
+from ldm.sampling.transforms import check_thresholding
 from ldm.stage import PipelineParts
 
 from .base import PipelineOutput, check_prompts
@@ -100,10 +101,16 @@ class CascadePipeline:
                   for sr, lv in zip(self.stages, per_stage("noise_level", noise_level, len(self.stages)))]
         levels = [sr.low_res.noise_level if lv is None else lv for sr, lv in zip(self.stages, levels)]
         modes = [check_mode(m) for m in per_stage("augmentation", augmentation, len(self.stages))]
-        for i, (mode, before) in enumerate(zip(modes, self.pipelines)):
+        for i, (mode, before, sr) in enumerate(zip(modes, self.pipelines, self.stages)):
             if mode == "truncated" and before.vae is not None:
                 raise ValueError(f"truncated augmentation feeds stage {i + 1} the sample of stage {i} at a noise "
                                  f"level, which needs stage {i} to sample pixels; it samples latents")
+            if mode == "truncated" and sr.low_res.noise_at == "high":
+                raise ValueError(f"stage {i + 1} noises its input after upsampling it (noise_at='high', as IF's "
+                                 "stage II), so a truncated sample's noise would reach it upsampled, not as it was "
+                                 "trained; use augmentation='non_truncated'")
+        for t in thresholds:
+            check_thresholding(t)  # before any stage runs
         runs = [pipe.check_common(prompts, negative_prompt, steps[i], guidance[i], samplers[i], 0.0, options[i],
                                   num_images_per_prompt, output_type) for i, pipe in enumerate(self.pipelines)]
         height = self.base.default_size if height is None else height

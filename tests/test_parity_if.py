@@ -146,3 +146,27 @@ def test_if_stages_as_one_cascade_draw_diffusers_two_calls(stage1, stage2):
     assert got.images.shape == expected.shape == (1, 64, 64, 3)
     print(f"IF stages I + II as a cascade: max |ours - diffusers| = {np.abs(got.images - expected).max():.1e}")
     assert np.abs(got.images - expected).max() < ATOL
+    with pytest.raises(ValueError, match="noise_at"):  # IF noises after upsampling: truncation would not fit
+        cascade(PROMPTS[0], augmentation="truncated", num_inference_steps=1)
+    with pytest.raises(ValueError, match="thresholding"):  # checked before stage I runs
+        cascade(PROMPTS[0], thresholding=[None, "hard"], num_inference_steps=1)
+
+
+def test_sharded_and_fp16_variant_weights_load(stage1, tmp_path):
+    """Real IF folders shard the T5 encoder (model-0000k-of-0000n.safetensors + an index) and offer fp16 variants."""
+    import shutil
+
+    theirs, ours = stage1
+    folder = tmp_path / "if"
+    theirs.save_pretrained(folder)
+    shutil.copy(ours.text_encoder.tokenizer.model_file, folder / "tokenizer" / "spiece.model")
+    for f in (folder / "text_encoder").glob("*.safetensors"):
+        f.unlink()
+    theirs.text_encoder.save_pretrained(folder / "text_encoder", max_shard_size="20KB")
+    assert len(list((folder / "text_encoder").glob("model-*.safetensors"))) > 1
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    theirs.unet.save_pretrained(folder / "unet", variant="fp16")
+    again = TextToImagePipeline.from_pretrained(folder)
+    again.progress = False
+    kwargs = dict(num_inference_steps=2, seed=0, output_type="np")
+    assert np.array_equal(again(PROMPTS[1], **kwargs).images, ours(PROMPTS[1], **kwargs).images)

@@ -143,25 +143,39 @@ def test_bad_folder_descriptions_are_named(tmp_path, meta, words):
 
 
 def test_a_shipped_network_is_referred_to_unless_changed(tmp_path):
-    """A folder that reuses a shipped model's network unchanged names it ("shapes-64/unet") instead of copying it;
-    changed weights are written; a reference to no shipped network is an error naming it."""
+    """A folder that reuses a shipped model's network unchanged names it ("shapes-64/unet", pinned by the sha256 of
+    its weights) instead of copying it; changed weights, another dtype or the shipped model's own folder as the
+    destination are written in full; a reference to no shipped network, or to other weights, is an error."""
+    from ldm.pipeline_folder import save_folder
+
     pipe = TextToImagePipeline.from_pretrained("shapes-64")
     pipe.progress = False
     pipe.save_pretrained(tmp_path / "same")
     meta = json.loads((tmp_path / "same" / "ldm_pipeline.json").read_text())
-    assert meta["components"]["unet"] == {"type": "unet", "shipped": "shapes-64/unet"}
+    assert meta["components"]["unet"]["shipped"] == "shapes-64/unet" and len(meta["components"]["unet"]["sha256"]) == 64
     assert not (tmp_path / "same" / "unet").exists()
     again = TextToImagePipeline.from_pretrained(tmp_path / "same")
     again.progress = False
     kwargs = dict(num_inference_steps=2, seed=0, output_type="np")
     assert np.array_equal(again("a red circle", **kwargs).images, pipe("a red circle", **kwargs).images)
+    parts = PipelineParts(pipe.text_encoder, [pipe.stage])
+    (tmp_path / "own").mkdir()
+    save_folder(parts, tmp_path / "own", destination=checkpoints.WEIGHTS_DIR / "shapes-64")
+    assert (tmp_path / "own" / "unet" / "model.safetensors").is_file()
     with torch.no_grad():
         pipe.unet.out[2].bias.add_(0.01)
+    pipe.vae.double()
     pipe.save_pretrained(tmp_path / "changed")
     meta = json.loads((tmp_path / "changed" / "ldm_pipeline.json").read_text())
     assert meta["components"]["unet"] == {"type": "unet"} and (tmp_path / "changed" / "unet").is_dir()
-    assert meta["components"]["vae"]["shipped"] == "shapes-64/vae"
-    meta["components"]["unet"] = {"type": "unet", "shipped": "shapes-64/nothing"}
-    (tmp_path / "same" / "ldm_pipeline.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="shapes-64/nothing"):
-        TextToImagePipeline.from_pretrained(tmp_path / "same")
+    assert meta["components"]["vae"] == {"type": "autoencoder"}
+    path = tmp_path / "same" / "ldm_pipeline.json"
+    good = json.loads(path.read_text())
+    for entry, words in (({"shipped": "shapes-64/nothing"}, "shapes-64/nothing"),
+                         ({"shipped": "../weights/unet"}, "no network"),
+                         ({"shipped": "shapes-64/unet", "sha256": "0" * 64}, "sha256")):
+        bad = json.loads(json.dumps(good))
+        bad["components"]["unet"] = {"type": "unet", **entry}
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=words):
+            TextToImagePipeline.from_pretrained(tmp_path / "same")

@@ -70,8 +70,10 @@ def test_if_key_map_and_config_round_trip(config, concat):
 @pytest.mark.parametrize("change, words", [
     (dict(cross_attention_norm=None), "cross_attention_norm"),
     (dict(addition_embed_type="image"), "addition_embed_type"),
-    (dict(attention_head_dim=[8, 16]), "head widths"),
+    (dict(attention_head_dim=[8, 16]), "attention_head_dim"),
     (dict(only_cross_attention=True), "middle block"),
+    (dict(mid_block_type="UNetMidBlock2D"), "mid_block_type"),
+    (dict(center_input_sample=True), "center_input_sample"),
     (dict(down_block_types=["ResnetDownsampleBlock2D", "CrossAttnDownBlock2D"]), "block types"),
 ])
 def test_unsupported_if_settings_are_named(change, words):
@@ -83,6 +85,8 @@ def test_sd_blocks_refuse_if_resblock_options():
     from test_unet import TINY_SD1
     with pytest.raises(ValueError, match="resnet_skip_time_act"):
         config_from_diffusers(dict(TINY_SD1, resnet_skip_time_act=True))
+    # only_cross_attention=True reaches no middle block of SD's (UNetMidBlock2DCrossAttn has no such setting)
+    assert config_from_diffusers(dict(TINY_SD1, only_cross_attention=True)).disable_self_attentions == (True, True)
     with pytest.raises(ValueError, match="resblock_updown"):
         config_to_diffusers(UNetConfig(model_channels=32, channel_mult=(1, 2), num_groups=8, context_dim=24,
                                        resblock_updown=True))

@@ -21,8 +21,10 @@ _DIFFUSERS_SIGMAS = {"karras": "use_karras_sigmas", "exponential": "use_exponent
 # diffusers' default timestep_spacing per scheduler class, where a config names none
 _DIFFUSERS_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "PNDMScheduler": "leading"}
 _ALPHA_TO_ONE_DEFAULT = {"DDIMScheduler": True, "PNDMScheduler": False}
-# the schedulers that clip x0 to [-clip_sample_range, clip_sample_range] unless told not to (clip_sample)
+# the schedulers that clip x0 to [-clip_sample_range, clip_sample_range] unless told not to (clip_sample), and
+# those (of the ones with an equal sampler here) that have dynamic thresholding of x0 (thresholding)
 _CLIPS_BY_DEFAULT = ("DDPMScheduler", "DDIMScheduler")
+_THRESHOLDS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 _LEARNED_VARIANCES = ("learned", "learned_range")
 # The grid a diffusers spacing name means differs by scheduler family (ldm.diffusion.grids.spaced_timesteps)
 _K_FAMILY = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
@@ -103,7 +105,7 @@ class DiffusionConfig(JsonConfig):
             warnings.warn(f"DDPMScheduler's variance_type {variance!r} is sampled as fixed_small; for beta pass "
                           "sampler_options={'variance': 'fixed_large'}", stacklevel=2)
         thresholding = None
-        if d.get("thresholding"):  # Imagen's dynamic thresholding, with diffusers' cap on s
+        if name in _THRESHOLDS and d.get("thresholding"):  # Imagen's dynamic thresholding, diffusers' cap on s
             thresholding = {"kind": "dynamic", "percentile": d.get("dynamic_thresholding_ratio", 0.995),
                             "max_value": d.get("sample_max_value", 1.0)}
         elif name in _CLIPS_BY_DEFAULT and d.get("clip_sample", True):
@@ -181,17 +183,19 @@ class DiffusionConfig(JsonConfig):
             out["final_sigmas_type"] = self.final
         if self.sigma_schedule is not None:
             out[_DIFFUSERS_SIGMAS[self.sigma_schedule]] = True
-        if self.variance_type in _LEARNED_VARIANCES:
+        if self.variance_type in _LEARNED_VARIANCES or name == "DDPMScheduler":
             out["variance_type"] = self.variance_type
         th = self.thresholding or {}
         if name in _CLIPS_BY_DEFAULT:
             out["clip_sample"] = th.get("kind") == "static"
             if out["clip_sample"]:
                 out["clip_sample_range"] = th.get("limit", 1.0)
-        elif th.get("kind") == "static":
-            warnings.warn(f"diffusers' {name} cannot clip x0; the folder is written without static thresholding",
-                          stacklevel=2)
-        if th.get("kind") == "dynamic":  # no cap on s here is a cap diffusers never reaches
+        unwritable = th.get("kind") == "static" and name not in _CLIPS_BY_DEFAULT or \
+            th.get("kind") == "dynamic" and name not in _THRESHOLDS
+        if unwritable:
+            warnings.warn(f"no setting of diffusers' {name} is this model's {th['kind']} thresholding; the folder is "
+                          "written without it", stacklevel=2)
+        elif th.get("kind") == "dynamic":  # no cap on s here is a cap diffusers never reaches
             out.update(thresholding=True, dynamic_thresholding_ratio=th.get("percentile", 0.995),
                        sample_max_value=th.get("max_value") or 1e9)
         return out

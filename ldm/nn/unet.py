@@ -221,14 +221,14 @@ class UNetModel(nn.Module):
         self.gradient_checkpointing = False
         mc, emb_dim = c.model_channels, c.emb_dim
 
-        def mlp(dim_in):
-            return nn.Sequential(nn.Linear(dim_in, emb_dim), activation(c.act_fn), nn.Linear(emb_dim, emb_dim))
+        def mlp(dim_in, act=c.act_fn):
+            return nn.Sequential(nn.Linear(dim_in, emb_dim), activation(act), nn.Linear(emb_dim, emb_dim))
 
         self.time_embed = mlp(mc)
         if c.num_classes is not None:
             self.label_emb = nn.Embedding(c.num_classes, emb_dim)
-        elif c.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(mlp(c.adm_in_channels))
+        elif c.adm_in_channels is not None:  # SiLU whatever act_fn, as diffusers' projection class embedding
+            self.label_emb = nn.Sequential(mlp(c.adm_in_channels, "silu"))
         if c.noise_level_embed == "timestep":
             self.noise_level_emb = mlp(mc)
         elif c.noise_level_embed == "table":

@@ -15,7 +15,7 @@ _ADDED_KV_INNER = {"norm": "group_norm", "norm_context": "norm_cross", "to_q": "
                    "add_k": "add_k_proj", "add_v": "add_v_proj", "to_out": "to_out.0"}
 _FIXED = {"flip_sin_to_cos": True, "freq_shift": 0, "norm_eps": 1e-5, "time_embedding_type": "positional",
           "time_cond_proj_dim": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
-          "timestep_post_act": None}
+          "timestep_post_act": None, "center_input_sample": False, "downsample_padding": 1}
 # diffusers' block types per attention type: (with attention, without), and the middle block's
 _BLOCKS = {"transformer": (("CrossAttnDownBlock2D", "DownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D"),
                            "UNetMidBlock2DCrossAttn"),
@@ -52,9 +52,9 @@ def config_from_diffusers(d: Mapping[str, Any], class_labels: str = "classes", c
     if any(t not in down_types for t in down) or [t == up_types[0] for t in up] != attn_levels[::-1] or \
             any(t not in up_types for t in up):
         raise ValueError(f"unsupported block types down={down} up={up}")
-    mid = d.get("mid_block_type", mid_attn)
-    if mid not in (mid_attn, "UNetMidBlock2D"):
-        raise ValueError(f"unsupported mid_block_type {mid!r} with down blocks {down}")
+    mid = d.get("mid_block_type", "UNetMidBlock2DCrossAttn")  # diffusers' default, whatever the blocks
+    if mid != mid_attn:  # (diffusers' UNetMidBlock2D has one ResBlock, ours two)
+        raise ValueError(f"unsupported mid_block_type {mid!r} with down blocks {down} (supported: {mid_attn!r})")
     if kind == "transformer":
         for key, expected in _IF_DEFAULTS.items():
             if d.get(key, expected) != expected:
@@ -69,7 +69,8 @@ def config_from_diffusers(d: Mapping[str, Any], class_labels: str = "classes", c
     heads = _per_level(d.get("num_attention_heads") or d.get("attention_head_dim", 8), n, "attention_head_dim")
     if kind == "added_kv":  # SimpleCrossAttn blocks read attention_head_dim as the head width
         if len(set(heads)) != 1:
-            raise ValueError(f"per-block head widths {heads} are not supported")
+            raise ValueError(f"attention_head_dim {heads}: per-block head widths are not supported with "
+                             f"{down_types[0]}")
         num_heads, head_channels = -1, heads[0]
     elif len(set(heads)) == 1:
         num_heads, head_channels = heads[0], -1
@@ -98,7 +99,7 @@ def config_from_diffusers(d: Mapping[str, Any], class_labels: str = "classes", c
     mid_cross_only = d.get("mid_block_only_cross_attention")
     if mid_cross_only is None and isinstance(d.get("only_cross_attention"), bool):
         mid_cross_only = d["only_cross_attention"]
-    if mid_cross_only and mid == mid_attn:
+    if mid_cross_only and kind == "added_kv":  # (diffusers' UNetMidBlock2DCrossAttn has no such setting)
         raise ValueError("cross-attention only in the middle block (mid_block_only_cross_attention) is not supported")
     act = d.get("act_fn", "silu")
     return UNetConfig(
@@ -129,6 +130,12 @@ def _check_writable(c: UNetConfig) -> None:
     if c.attention_type == "transformer" and (c.res_skip_time_act or c.res_output_scale != 1):
         raise ValueError("diffusers' UNet2DConditionModel applies res_skip_time_act and res_output_scale only in "
                          "DeepFloyd IF's blocks (attention_type 'added_kv')")
+    if not c.mid_attention:
+        raise ValueError("diffusers' plain middle block (UNetMidBlock2D) has one ResBlock; this U-Net's has two")
+    if c.attention_type == "added_kv" and c.num_head_channels == -1 and \
+            len({c.model_channels * m // c.num_heads for m in c.channel_mult}) > 1:
+        raise ValueError("diffusers' added-KV blocks take one head width (attention_head_dim); this U-Net has a fixed "
+                         "head count over levels of different widths")
     if c.resample_first or c.skip_scale != 1:
         raise ValueError("diffusers' UNet2DConditionModel has no Efficient U-Net layout (resample_first, "
                          "skip_scale)")
@@ -150,14 +157,14 @@ def config_to_diffusers(c: UNetConfig) -> dict[str, Any]:
          if isinstance(c.num_res_blocks, tuple) else c.num_res_blocks,
          "down_block_types": [down_types[0] if a else down_types[1] for a in attn],
          "up_block_types": [up_types[0] if a else up_types[1] for a in reversed(attn)],
-         "mid_block_type": mid_attn if c.mid_attention else "UNetMidBlock2D",
+         "mid_block_type": mid_attn,
          "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
          "transformer_layers_per_block": list(c.transformer_depth) if isinstance(c.transformer_depth, tuple)
          else c.transformer_depth, "cross_attention_dim": c.context_dim,
          "use_linear_projection": c.use_linear_in_transformer, "upcast_attention": c.upcast_attention,
          "resnet_time_scale_shift": "scale_shift" if c.use_scale_shift_norm else "default",
          "norm_num_groups": c.num_groups, "dropout": c.dropout, "center_input_sample": False,
-         "downsample_padding": 1, "mid_block_scale_factor": c.mid_output_scale, **{k: v for k, v in _FIXED.items()},
+         "mid_block_scale_factor": c.mid_output_scale, **{k: v for k, v in _FIXED.items()},
          "act_fn": c.act_fn, "encoder_hid_dim": c.text_embed_dim, "time_embedding_dim": c.time_embed_dim,
          "time_embedding_act_fn": c.time_embed_act, "resnet_skip_time_act": c.res_skip_time_act,
          "resnet_out_scale_factor": c.res_output_scale,

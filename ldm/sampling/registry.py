@@ -102,7 +102,7 @@ register(SamplerSpec(
     "lms", k_samplers.lms, "LMS", options={"order": Option(4, lambda v: is_int(v) and 1 <= v <= 4, "1, 2, 3 or 4")},
     diffusers=("LMSDiscreteScheduler", {})))
 _SOLVER_TYPE = Option("midpoint", lambda v: v in ("midpoint", "heun"), "'midpoint' or 'heun'")
-_DPM = {"solver_type": "midpoint", "thresholding": False, "euler_at_final": False, "use_lu_lambdas": False,
+_DPM = {"solver_type": "midpoint", "euler_at_final": False, "use_lu_lambdas": False,
         "variance_type": None}
 register(SamplerSpec(
     "dpmpp_2m", dpm_solvers.dpmpp_2m, "DPM-Solver++(2M)",
@@ -128,4 +128,4 @@ register(SamplerSpec(
              "lower_order_final": Option(True, _bool, "true or false")},
     diffusers=("UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2", "predict_x0": True,
                                            "lower_order_final": True, "disable_corrector": [], "solver_p": None,
-                                           "thresholding": False, "use_flow_sigmas": False})))
+                                           "use_flow_sigmas": False})))

@@ -120,6 +120,9 @@ def check_thresholding(thresholding) -> Optional[dict]:
     if spec.get("kind") not in THRESHOLDING:
         raise ValueError(f"thresholding must be None, False, 'static', 'dynamic' or a dict with kind in "
                          f"{THRESHOLDING}; got {thresholding!r}")
+    max_value = spec.get("max_value")
+    if max_value is not None and (not is_number(max_value) or max_value < 1):
+        raise ValueError(f"dynamic thresholding's max_value must be None or a number >= 1; got {max_value!r}")
     try:
         _thresholded(lambda x_t, sigma: None, spec)  # checks the options' names and values
     except TypeError:

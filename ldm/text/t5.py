@@ -92,19 +92,17 @@ class T5TextEncoder(TextEncoder):
     def from_diffusers(cls, folder: str | Path, *, allow_pickle: bool = False, **overrides) -> T5TextEncoder:
         """A diffusers folder's T5 (DeepFloyd IF): text_encoder/ (transformers T5EncoderModel, loaded strictly) and
         tokenizer/spiece.model; 77 tokens, prompts lower-cased as IF's pipelines do; overrides set config fields."""
-        from ..checkpoints import load_state_dict
+        from ..checkpoints import load_component_weights
+        from ..nn.keymap import load_onto_meta
         from .base import read_config as read_ours
 
         folder = Path(folder)
         if read_ours(folder) is not None:  # a folder this package wrote keeps its own settings
             return cls.from_pretrained(folder, **overrides)
         hf = T5Config.from_pretrained(folder / "text_encoder", local_files_only=True)
-        weights = next((folder / "text_encoder" / n for n in ("model.safetensors", "pytorch_model.bin")
-                        if (folder / "text_encoder" / n).is_file()), None)
         spm_file = folder / "tokenizer" / SPM_NAME
-        if weights is None or not spm_file.is_file():
-            raise FileNotFoundError(f"{folder} needs text_encoder/model.safetensors and tokenizer/{SPM_NAME} (a T5 "
-                                    "encoder and its SentencePiece model)")
+        if not spm_file.is_file():
+            raise FileNotFoundError(f"{folder} needs tokenizer/{SPM_NAME} (the T5 encoder's SentencePiece model)")
         config = T5EncoderConfig(vocab_size=hf.vocab_size, d_model=hf.d_model, d_kv=hf.d_kv, d_ff=hf.d_ff,
                                  num_layers=hf.num_layers, num_heads=hf.num_heads,
                                  feed_forward_proj=hf.feed_forward_proj,
@@ -112,14 +110,13 @@ class T5TextEncoder(TextEncoder):
                                  relative_attention_max_distance=hf.relative_attention_max_distance,
                                  layer_norm_epsilon=hf.layer_norm_epsilon, tokenizer="sentencepiece", lowercase=True)
         config = dataclasses.replace(config, **overrides)
-        model = T5EncoderModel(config.hf_config())
-        state = load_state_dict(weights, allow_pickle)
-        state = {k: v for k, v in state.items() if k != "decoder.embed_tokens.weight"}  # tied copies, if any
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(k != "encoder.embed_tokens.weight" for k in missing):
-            raise ValueError(f"{weights} does not fit a T5 encoder: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}")
-        return cls(config, model.eval(), spm_file)
+        state = load_component_weights(folder / "text_encoder", ("model",), allow_pickle)
+        state.pop("decoder.embed_tokens.weight", None)
+        if "shared.weight" in state:  # tied: the encoder's embedding is the shared one
+            state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
+        with torch.device("meta"):  # T5-XXL has 4.7 B parameters: not initialised only to be overwritten
+            model = T5EncoderModel(config.hf_config())
+        return cls(config, load_onto_meta(model, state, f"{folder / 'text_encoder'}").eval(), spm_file)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """text_encoder/ (transformers layout), tokenizer/spiece.model for SentencePiece, and our config json."""

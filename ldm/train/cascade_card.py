@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..pipeline_folder import component_config
+
 
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -19,7 +21,7 @@ def render_cascade_card(folder: Path) -> str:
     meta = json.loads((folder / "ldm_pipeline.json").read_text())
     base, sr = meta["stages"][0], meta["stages"][1]
     low = sr["low_res"]
-    unet = json.loads((folder / sr["unet"] / "config.json").read_text())
+    unet = component_config(folder, sr["unet"])
     m = record.get("measurements")
     out = [f"# {folder.name}: the shapes world at 128x128 through a cascade", "",
            "A two-stage cascade (Ho et al. 2021): the shipped shapes-64 latent model draws the scene at 64x64, then a "

@@ -12,6 +12,7 @@ from ..files import write_text
 from ..eval.shapes_eval import SPLITS, format_table
 from ..nn.autoencoder import AutoencoderConfig
 from ..nn.unet import UNetConfig
+from ..pipeline_folder import component_config
 
 _SIGMAS = {"karras": "Karras sigmas", "exponential": "exponential sigmas", "beta": "beta sigmas"}
 
@@ -55,8 +56,8 @@ def render_model_card(folder: Path) -> str:
     """MODEL_CARD.md of a model folder, from its files alone: TRAINING_FILE (figures and training record, written
     by export), the networks' config.json and HISTORY_FILE. `python -m ldm.train.shapes card` re-renders it."""
     r = read_json(folder / TRAINING_FILE)
-    unet = UNetConfig.from_dict(read_json(folder / "unet" / "config.json"))
-    vae = AutoencoderConfig.from_dict(read_json(folder / "vae" / "config.json"))
+    unet = UNetConfig.from_dict(component_config(folder, "unet"))
+    vae = AutoencoderConfig.from_dict(component_config(folder, "vae"))
     kind = {k: v.format(n_embed=vae.n_embed) for k, v in AE_CARD[vae.kind].items()}
     if r["autoencoder_folded"]:  # no codebook or commitment loss: the encoder is frozen
         kind["ae_loss"] = AE_CARD["kl"]["ae_loss"] + " for the KL autoencoder, then L1 + MSE for the VQ decoder"

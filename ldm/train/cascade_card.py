@@ -74,6 +74,9 @@ def render_cascade_card(folder: Path) -> str:
                 _table(["level", "accuracy", "right only here / only with Lanczos"],
                        [[r["level"], r["accuracy"], f"{r['only_here']} / {r['only_lanczos']}"] for r in lv["rows"]]),
                 ""]
+    out += ["Truncated augmentation (the base stopped at the level's noise and its noisy sample fed as it is) needs a "
+            "base that samples pixels; shapes-64 samples latents, so this cascade takes non-truncated augmentation "
+            "only (truncated cascades are exercised on pixel-space bases in `tests/test_cascade.py`).", ""]
     th = m["thresholding"]
     if th["rows"]:
         out += [f"Thresholding of x0 in the pixel stage, on {th['prompts']} of the prompts (the ground truth's own "

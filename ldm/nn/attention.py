@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..random import randn
+
 Tensor = torch.Tensor
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 
@@ -198,7 +200,7 @@ class AttentionPooling(nn.Module):
         if dim % heads:
             raise ValueError(f"attention pooling: width {dim} is not divisible by {heads} heads")
         self.heads = heads
-        self.positional_embedding = nn.Parameter(torch.randn(1, dim) / dim**0.5)
+        self.positional_embedding = nn.Parameter(randn((1, dim)) / dim**0.5)
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -82,37 +82,44 @@ def _simple_name(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+", name)) and name not in (".", "..")
 
 
-def _shipped(path: Path, name: str, entry: dict, kind: str) -> torch.nn.Module:
-    """The shipped network an entry names, checked to be the very weights the folder was saved against."""
+def _shipped_source(path: Path, name: str, entry: dict) -> Path:
+    """The folder of the shipped network an entry names ("model/component", each a plain name)."""
     ref = str(entry["shipped"])
     model, _, part = ref.partition("/")
     if not (_simple_name(model) and _simple_name(part)) or not (WEIGHTS_DIR / model / part / "config.json").is_file():
         raise ValueError(f"{path}: component {name!r} refers to {ref!r}, which is no network of a model shipped "
                          f"with this package (weights/)")
-    found = _sha256(WEIGHTS_DIR / model / part / "model.safetensors")
+    return WEIGHTS_DIR / model / part
+
+
+def _shipped(path: Path, name: str, entry: dict, kind: str) -> torch.nn.Module:
+    """The shipped network an entry names, checked to be the very weights the folder was saved against."""
+    source = _shipped_source(path, name, entry)
+    found = _sha256(source / "model.safetensors")
     if found != entry.get("sha256"):
-        raise ValueError(f"{path}: component {name!r} was saved against {ref} with sha256 {entry.get('sha256')}; "
-                         f"the installed one has {found} (the package's shipped model changed): re-save the folder "
-                         "from the pipeline it was made with")
-    return load_network(WEIGHTS_DIR / model, part, kind)
+        raise ValueError(f"{path}: component {name!r} was saved against {entry['shipped']} with sha256 "
+                         f"{entry.get('sha256')}; the installed one has {found} (the package's shipped model "
+                         "changed): re-save the folder from the pipeline it was made with")
+    return load_network(source.parent, source.name, kind)
+
+
+def _component_entry(folder: Path, name: str) -> dict:
+    """A component's entry in the folder's ldm_pipeline.json ({} for a folder without one, or version 1)."""
+    path = folder / PIPELINE_FILE
+    return read_json(path).get("components", {}).get(name, {}) if path.is_file() else {}
 
 
 def shipped_reference(folder: Path, name: str, kind: str) -> Optional[torch.nn.Module]:
     """The shipped network a folder's component `name` refers to, loaded; None if it has its own files."""
-    path = folder / PIPELINE_FILE
-    entry = read_json(path).get("components", {}).get(name, {}) if path.is_file() else {}
-    return _shipped(path, name, entry, kind) if "shipped" in entry else None
+    entry = _component_entry(folder, name)
+    return _shipped(folder / PIPELINE_FILE, name, entry, kind) if "shipped" in entry else None
 
 
 def component_config(folder: Path, name: str) -> dict:
     """A network component's config.json, in the folder or in the shipped model it refers to."""
-    path = folder / PIPELINE_FILE
-    entry = read_json(path).get("components", {}).get(name, {}) if path.is_file() else {}
-    if "shipped" in entry:
-        model, _, part = str(entry["shipped"]).partition("/")
-        if _simple_name(model) and _simple_name(part):
-            return read_json(WEIGHTS_DIR / model / part / "config.json")
-    return read_json(folder / name / "config.json")
+    entry = _component_entry(folder, name)
+    source = _shipped_source(folder / PIPELINE_FILE, name, entry) if "shipped" in entry else folder / name
+    return read_json(source / "config.json")
 
 
 def _text_encoder(folder: Path, name: str, entry: dict):

@@ -76,7 +76,7 @@ def augmented_input(low: torch.Tensor, augment: bool) -> tuple[torch.Tensor, tor
     """(the 64-px input corrupted at a level drawn uniformly in [0, max_noise_level] and upsampled, the levels);
     without augmentation the level is always 0 (alpha_bar_0: almost clean)."""
     levels = LOW_RES.sample_levels(low.shape[0]) if augment else torch.zeros(low.shape[0], dtype=torch.long)
-    return LOW_RES.resize(LOW_RES.noise(low, levels), (SIZE, SIZE)), levels
+    return LOW_RES.condition(low, (SIZE, SIZE), levels), levels
 
 
 def train(args: argparse.Namespace) -> None:
